@@ -1,0 +1,46 @@
+# The two commands of the README. Each does all of its own set-up on a fresh machine (idempotent, fast when done).
+#   make train   — runs the main notebook with papermill on the embedded CPU default
+#   make test    — nbdev_test over every notebook + pytest tests/ + export/clean leave the tree unchanged
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+# The main job's notebook and where its executed copy goes.
+TRAIN_NB ?= nbs/index.ipynb
+OUT ?= runs/train-out.ipynb
+# No model weights are ever fetched at run time: a stray download fails fast instead of hanging.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export PYTHONHASHSEED := 0
+export MPLBACKEND := Agg
+
+.PHONY: setup train test
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: settings.ini setup.py
+	@command -v tesseract >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tesseract-ocr tesseract-ocr-eng >/dev/null) \
+	  || echo "warning: tesseract not found; install it with: apt-get install tesseract-ocr tesseract-ocr-eng"; }
+	@[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned, so pip takes the local CPU wheel and never resolves a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@touch $@
+
+train: setup
+	@mkdir -p $(dir $(OUT))
+	$(BIN)/papermill $(TRAIN_NB) $(OUT) --cwd nbs -k python3 $(PARAMS)
+	@echo "main job done: executed notebook at $(OUT)"
+
+test: setup
+	@echo "nbdev_test: $$(ls nbs/*.ipynb | grep -v '/_' | wc -l) notebooks"
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_test --n_workers 2 --do_print
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q tests/
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_export && PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_clean
+	@if [ -n "$$(git status --porcelain -- nbs apex_nb)" ]; then git status --porcelain -- nbs apex_nb; \
+	  echo "nbdev_export/nbdev_clean changed the tree: run them and commit"; exit 1; fi
+	@echo "export and clean leave the tree unchanged"

@@ -1,0 +1,70 @@
+"The project's own machinery: nbdev settings, test flags, clean keeping papermill's tag, failing notebooks fail."
+import configparser, json, os, subprocess, sys
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CFG = configparser.ConfigParser(delimiters=["="]); CFG.read(ROOT / "settings.ini")
+S = CFG["DEFAULT"]
+
+
+def notebook(path: Path, cells: list[tuple[str, str, list]]) -> Path:
+    "Write a minimal notebook of (cell_type, source, tags) cells."
+    nb = {"cells": [{"cell_type": t, "metadata": {"tags": tags} if tags else {}, "source": src,
+                     **({"outputs": [], "execution_count": None} if t == "code" else {})} for t, src, tags in cells],
+          "metadata": {"kernelspec": {"name": "python3", "display_name": "python3", "language": "python"}},
+          "nbformat": 4, "nbformat_minor": 5}
+    path.write_text(json.dumps(nb))
+    return path
+
+
+def run(*args):
+    return subprocess.run([str(BIN / args[0]), *args[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_package_imports_with_settings_version():
+    import apex_nb
+    assert apex_nb.__version__ == S["version"]
+
+
+def test_settings_are_the_nbdev2_layout():
+    assert (S["lib_name"], S["nbs_path"], S["tst_flags"], S["allowed_cell_metadata_keys"], S["jupyter_hooks"]) == \
+        ("apex_nb", "nbs", "slow gpu", "tags", "False")
+    reqs = S["requirements"].split()
+    for pin in ["nbdev==2.4.14", "execnb<0.2", "fastcore<2", "ghapi<2"]: assert pin in reqs
+
+
+def test_nbdev_test_fails_on_a_failing_notebook(tmp_path):
+    good = notebook(tmp_path / "good.ipynb", [("code", "assert 1 + 1 == 2", [])])
+    bad = notebook(tmp_path / "bad.ipynb", [("code", "x = 41", []), ("code", "assert x == 42, 'x is not 42'", [])])
+    assert run("nbdev_test", "--path", str(good)).returncode == 0
+    r = run("nbdev_test", "--path", str(bad))
+    assert r.returncode != 0 and "x is not 42" in r.stdout + r.stderr
+
+
+def test_gpu_and_slow_cells_skipped_unless_flagged(tmp_path):
+    nb = notebook(tmp_path / "flags.ipynb", [("code", "#| gpu\nraise RuntimeError('gpu cell ran')", []),
+                                              ("code", "#| slow\nraise RuntimeError('slow cell ran')", [])])
+    assert run("nbdev_test", "--path", str(nb)).returncode == 0
+    r = run("nbdev_test", "--path", str(nb), "--flags", "gpu")
+    assert r.returncode != 0 and "gpu cell ran" in r.stdout + r.stderr
+    r = run("nbdev_test", "--path", str(nb), "--flags", "slow")
+    assert r.returncode != 0 and "slow cell ran" in r.stdout + r.stderr
+
+
+def test_nbdev_clean_keeps_the_papermill_parameters_tag(tmp_path):
+    nb = notebook(tmp_path / "p.ipynb", [("code", "steps = 3", ["parameters"])])
+    raw = json.loads(nb.read_text()); raw["cells"][0]["metadata"]["collapsed"] = True; raw["cells"][0]["execution_count"] = 7
+    nb.write_text(json.dumps(raw))
+    assert run("nbdev_clean", "--fname", str(nb)).returncode == 0
+    cell = json.loads(nb.read_text())["cells"][0]
+    assert cell["metadata"] == {"tags": ["parameters"]} and cell["execution_count"] is None
+
+
+def test_repo_notebooks_are_clean():
+    "Committed notebooks carry no outputs or execution counts (nbdev_clean state)."
+    for p in sorted((ROOT / "nbs").glob("*.ipynb")):
+        for c in json.loads(p.read_text())["cells"]:
+            if c["cell_type"] == "code":
+                assert c.get("outputs") == [] and c.get("execution_count") is None, p.name
