@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 # The main job's notebook and where its executed copy goes.
-TRAIN_NB ?= nbs/index.ipynb
+TRAIN_NB ?= nbs/explore_variance_hijacking.ipynb
 OUT ?= runs/train-out.ipynb
 # No model weights are ever fetched at run time: a stray download fails fast instead of hanging.
 export HF_HUB_OFFLINE := 1
@@ -40,7 +40,9 @@ test: setup
 	@echo "nbdev_test: $$(ls nbs/*.ipynb | grep -v '/_' | wc -l) notebooks"
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_test --n_workers 2 --do_print
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q tests/
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_export && PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_clean
-	@if [ -n "$$(git status --porcelain -- nbs apex_nb)" ]; then git status --porcelain -- nbs apex_nb; \
-	  echo "nbdev_export/nbdev_clean changed the tree: run them and commit"; exit 1; fi
+	@before=$$(git diff -- nbs apex_nb; git status --porcelain -- nbs apex_nb); \
+	  PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_export && PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_clean; \
+	  after=$$(git diff -- nbs apex_nb; git status --porcelain -- nbs apex_nb); \
+	  if [ "$$before" != "$$after" ]; then git status --short -- nbs apex_nb; \
+	    echo "nbdev_export/nbdev_clean changed the tree: the notebooks and apex_nb/ were out of sync or not clean; commit the result"; exit 1; fi
 	@echo "export and clean leave the tree unchanged"
