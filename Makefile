@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 # The main job's notebook and where its executed copy goes.
-TRAIN_NB ?= nbs/explore_variance_hijacking.ipynb
+TRAIN_NB ?= nbs/train.ipynb
 OUT ?= runs/train-out.ipynb
 # No model weights are ever fetched at run time: a stray download fails fast instead of hanging.
 export HF_HUB_OFFLINE := 1
@@ -33,7 +33,7 @@ $(VENV)/.installed: settings.ini setup.py
 
 train: setup
 	@mkdir -p $(dir $(OUT))
-	$(BIN)/papermill $(TRAIN_NB) $(OUT) --cwd nbs -k python3 $(PARAMS)
+	$(BIN)/papermill $(TRAIN_NB) $(OUT) -k python3 $(PARAMS)
 	@echo "main job done: executed notebook at $(OUT)"
 
 test: setup
