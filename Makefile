@@ -16,13 +16,18 @@ export HF_DATASETS_OFFLINE := 1
 export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
 
+# Install Debian packages $(2) when command $(1) is missing and we are root (else say how)
+define apt_if_missing
+command -v $(1) >/dev/null || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; \
+  else echo "warning: $(1) not found; install it with: apt-get install $(2)"; fi; }
+endef
+
 .PHONY: setup train test
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: settings.ini setup.py
-	@command -v tesseract >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tesseract-ocr tesseract-ocr-eng >/dev/null) \
-	  || echo "warning: tesseract not found; install it with: apt-get install tesseract-ocr tesseract-ocr-eng"; }
+	@$(call apt_if_missing,tesseract,tesseract-ocr tesseract-ocr-eng)
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned, so pip takes the local CPU wheel and never resolves a multi-GB CUDA build
@@ -37,6 +42,7 @@ train: setup
 	@echo "main job done: executed notebook at $(OUT)"
 
 test: setup
+	@$(call apt_if_missing,chromium,chromium)   # for the JupyterLab browser test
 	@echo "nbdev_test: $$(ls nbs/*.ipynb | grep -v '/_' | wc -l) notebooks"
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_test --n_workers 2 --do_print
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q tests/
