@@ -80,3 +80,70 @@ def test_truncated_last_log_line_is_skipped_on_resume_and_replay(tmp_path):
         GRPOTrainer(GRPOConfig(**{**FAST, "steps": 3}, out_dir=str(out), resume=True)).train()
     assert any("not valid JSON" in str(x.message) for x in w)
     assert [r["step"] for r in read_metrics(out) if "eval" not in r] == [0, 1, 2]   # each step once, the broken line gone
+
+
+# --- faults during training --------------------------------------------------------------------------------------
+from apex_nb.rewards import REWARDS, Reward
+
+
+def _register(name, score):
+    "A test reward (registered once per process)."
+    if name not in REWARDS:
+        REWARDS.register(name)(type(name, (Reward,), dict(name=name, note="test reward", score=lambda self, ims, ps, md: score(ims))))
+
+
+_register("nan_for_first", lambda ims: [float("nan")] + [float(i) for i in range(1, len(ims))])
+_register("always_nan", lambda ims: [float("nan")] * len(ims))
+_register("inf_sometimes", lambda ims: [float("inf") if i % 3 == 0 else float(i % 2) for i in range(len(ims))])
+
+
+def _boom(ims): raise OSError("scorer crashed")
+_register("crashes", _boom)
+
+
+def test_nonfinite_rewards_are_masked_and_counted(tmp_path):
+    out = tmp_path / "run"
+    GRPOTrainer(GRPOConfig(**{**FAST, "steps": 3}, objectives="colorfulness,nan_for_first,inf_sometimes", out_dir=str(out))).train()
+    recs = [r for r in read_metrics(out) if "eval" not in r]
+    assert [r["step"] for r in recs] == [0, 1, 2]                                # training went on
+    for r in recs:
+        assert r["nonfinite/nan_for_first"] == 1 and r["nonfinite/inf_sometimes"] == 2   # 4 samples: index 0; indices 0 and 3
+        assert r["masked_samples"] == 2 and r["nonfinite/colorfulness"] == 0
+        assert not r["skipped/nan_for_first"] and math.isfinite(r["loss"]) and math.isfinite(r["share/colorfulness"])
+
+
+def test_an_all_nan_objective_is_skipped_for_the_step(tmp_path):
+    out = tmp_path / "run"
+    tr = GRPOTrainer(GRPOConfig(**{**FAST, "steps": 4}, objectives="colorfulness,always_nan", scheduler="p3", out_dir=str(out)))
+    tr.train()
+    recs = [r for r in read_metrics(out) if "eval" not in r]
+    assert all(r["skipped/always_nan"] and r["nonfinite/always_nan"] == 4 and r["masked_samples"] == 0 for r in recs)
+    assert all(r["weight/always_nan"] == 0.5 for r in recs)                       # the scheduler held its weights
+    assert all(math.isfinite(r["loss"]) for r in recs)
+
+
+def test_a_failing_scorer_stops_with_its_name_and_step_after_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    tr = GRPOTrainer(GRPOConfig(**{**FAST, "steps": 3, "save_every": 0}, objectives="colorfulness,crashes", out_dir=str(out)))
+    with pytest.raises(RuntimeError) as e: tr.train()
+    assert "scoring failed at step 0" in str(e.value) and "reward 'crashes' failed: OSError: scorer crashed" in str(e.value)
+    assert [p.name for p in tr.run.checkpoints()] == ["step-000000"]               # written before the error propagated
+    assert (out / "metrics.jsonl").exists() is False or read_metrics(out) == []
+
+
+def test_nonfinite_losses_skip_the_step_and_three_in_a_row_stop_the_run(tmp_path, monkeypatch):
+    import apex_nb.grpo as grpo
+    real = grpo.ppo_clip_loss
+    calls = {"n": 0}
+    def poisoned(lp, old, a, clip):
+        loss, frac, ratio = real(lp, old, a, clip)
+        return loss * float("nan"), frac, ratio
+    out = tmp_path / "run"
+    tr = GRPOTrainer(GRPOConfig(**{**FAST, "steps": 6, "save_every": 0}, out_dir=str(out)))
+    before = {k: v.clone() for k, v in tr.lora_state_dict().items()}
+    monkeypatch.setattr(grpo, "ppo_clip_loss", poisoned)
+    with pytest.raises(RuntimeError, match=r"non-finite loss or gradient at 3 steps in a row \(steps 0–2\)"): tr.train()
+    recs = [r for r in read_metrics(out) if "eval" not in r]
+    assert [(r["step"], r["skipped_update"]) for r in recs] == [(0, True), (1, True), (2, True)]
+    assert all(torch.equal(before[k], v) for k, v in tr.lora_state_dict().items())   # no poisoned step was applied
+    assert [p.name for p in tr.run.checkpoints()] == ["step-000002"]
