@@ -1,4 +1,4 @@
-"""GRPO speed targets (issue 6), measured side by side in one run on the tiny-cpu preset:
+"""GRPO speed targets (issue 6), measured side by side in one run on the tiny-random preset:
 (a) our SDE sampler (noise 0.7, with log-probs) vs the diffusers pipeline, same prompts/steps/size   — target ≤ 0.95×
 (b) APEX bookkeeping (normalise + shares + priorities) as a fraction of a whole training step       — target ≤ 1%
 (c) the gradient-conflict diagnostic (K=4, default: first training timestep, all LoRA params) as added wall time of a
@@ -32,7 +32,7 @@ def sampler_ratio(prompts, steps=10):
 
 def step_times(conflict_every, steps=8):
     out = Path(tempfile.mkdtemp()) / 'run'
-    tr = GRPOTrainer(make_config('tiny-cpu', steps=steps, conflict_every=conflict_every, out_dir=str(out), save_every=0, eval_every=0))
+    tr = GRPOTrainer(make_config('tiny-random', steps=steps, conflict_every=conflict_every, out_dir=str(out), save_every=0, eval_every=0))
     recs = [tr.train_step() for _ in range(steps)][1:]   # the first step pays one-off costs
     return tr, recs
 

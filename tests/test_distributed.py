@@ -11,7 +11,7 @@ SCRIPT = r"""
 import sys, torch
 from apex_nb.grpo import GRPOTrainer, make_config
 out = sys.argv[1]
-t = GRPOTrainer(make_config('tiny-cpu', steps=2, groups_per_step=2, group_size=3, save_every=0, eval_every=0, out_dir=out + '/run', seed=5))
+t = GRPOTrainer(make_config('tiny-random', steps=2, groups_per_step=2, group_size=3, save_every=0, eval_every=0, out_dir=out + '/run', seed=5))
 batches = []
 for _ in range(2):
     t.train_step(); batches.append({k: v for k, v in t.last_batch.items()})

@@ -1,4 +1,4 @@
-"""The consensus-DPO trainer on tiny-cpu: a 3-step run completes (3 metrics lines, finite loss, the LoRA moves), a run
+"""The consensus-DPO trainer on tiny-random: a 3-step run completes (3 metrics lines, finite loss, the LoRA moves), a run
 stopped after its step-2 checkpoint and resumed ends bit-identical to an uninterrupted one (policy and reference adapter),
 and the papermill entry point nbs/dpo.ipynb runs with its defaults."""
 import json, math
@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def make(out, steps, resume=False):
     from apex_nb.dpo import DPOTrainer, make_dpo_config
-    return DPOTrainer(make_dpo_config('tiny-cpu', steps=steps, out_dir=str(out), resume=resume, save_every=1, eval_every=0,
+    return DPOTrainer(make_dpo_config('tiny-random', steps=steps, out_dir=str(out), resume=resume, save_every=1, eval_every=0,
                                       ref_update_every=2, seed=3))
 
 
@@ -57,4 +57,4 @@ def test_notebook_defaults(tmp_path):
     figures = [o for c in nb['cells'] for o in c.get('outputs', []) if 'application/vnd.plotly.v1+json' in o.get('data', {})]
     assert len(figures) >= 6
     cfg = json.loads((tmp_path / 'run' / 'config.json').read_text())
-    assert (cfg['labeler'], cfg['steps'], cfg['model']) == ('majority', 2, 'tiny')
+    assert (cfg['labeler'], cfg['steps'], cfg['model'], cfg['prompts']) == ('majority', 2, 'apex-tiny', 'apex-tiny-signs')

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 TRAIN = """
 import sys
 from apex_nb.grpo import GRPOTrainer, make_config
-GRPOTrainer(make_config('tiny-cpu', steps={steps}, save_every=1, eval_every=0, out_dir=sys.argv[1], resume={resume}, seed=3)).train()
+GRPOTrainer(make_config('tiny-random', steps={steps}, save_every=1, eval_every=0, out_dir=sys.argv[1], resume={resume}, seed=3)).train()
 """
 STEPS = 6
 

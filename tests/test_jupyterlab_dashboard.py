@@ -1,5 +1,5 @@
 """The widgets in a real JupyterLab: start JupyterLab on 127.0.0.1, open a notebook that builds the lab explorer and the
-dashboard of a short tiny-cpu run (ipywidgets + plotly FigureWidgets), run it in headless Chromium driven by Playwright,
+dashboard of a short tiny-random run (ipywidgets + plotly FigureWidgets), run it in headless Chromium driven by Playwright,
 and check that the plotly widgets rendered SVG traces in the DOM. A screenshot is saved next to the test's files (and to runs/ for a look)."""
 import json, os, shutil, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 CELLS = ["from apex_nb.lab import LabExplorer\nex = LabExplorer('apex4', 'static', 'static', steps=40)\nex.widget",
          "from apex_nb.grpo import GRPOTrainer, make_config\nfrom apex_nb.dashboard import Dashboard\n"
-         "run = GRPOTrainer(make_config('tiny-cpu', steps=4, out_dir='run', save_every=0)).train()\nDashboard.from_run(run).widget"]
+         "run = GRPOTrainer(make_config('tiny-random', steps=4, out_dir='run', save_every=0)).train()\nDashboard.from_run(run).widget"]
 NOTEBOOK = {"cells": [{"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None, "source": src} for src in CELLS],
             "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
             "nbformat": 4, "nbformat_minor": 5}

@@ -22,7 +22,7 @@ def outputs(nb, kind):
 def test_defaults_run_and_save_figures(tmp_path):
     nb = execute(tmp_path, out_dir=str(tmp_path / "run"), live_dashboard=False)
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert (cfg["steps"], cfg["method"], cfg["scheduler"], cfg["model"]) == (10, "apex", "p3", "tiny")
+    assert (cfg["steps"], cfg["method"], cfg["scheduler"], cfg["model"], cfg["prompts"]) == (10, "apex", "p3", "apex-tiny", "apex-tiny-signs")
     steps = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if "eval" not in r] == list(range(10))
     assert len(outputs(nb, "application/vnd.plotly.v1+json")) >= 7     # the panels + the gain profile, as static plots
