@@ -13,9 +13,10 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import r
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
 # %% auto #0
-__all__ = ['T5_CHARS', 'TINY_SIZE', 'tiny_tokenizers', 'tiny_sd3_components', 'cache_dir', 'tiny_sd3_pipeline', 'load_pipeline',
-           'SDEStep', 'gaussian_noise', 'sde_noise_scale', 'sde_step', 'Trajectory', 'encode_prompts',
-           'predict_velocity', 'decode_latents', 'sample_with_logprob', 'step_log_prob']
+__all__ = ['T5_CHARS', 'TINY_SIZE', 'TWINS', 'tiny_tokenizers', 'tiny_sd3_components', 'cache_dir', 'tiny_sd3_pipeline',
+           'sd35_twin_components', 'sd35_twin_pipeline', 'load_pipeline', 'SDEStep', 'gaussian_noise',
+           'sde_noise_scale', 'sde_step', 'Trajectory', 'encode_prompts', 'predict_velocity', 'decode_latents',
+           'sample_with_logprob', 'cat_trajectories', 'step_log_prob']
 
 # %% ../nbs/06_sd3.ipynb #9241bb02
 T5_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;!?\"'-()/&"
@@ -61,42 +62,89 @@ def cache_dir() -> Path:
     "Where apex_nb caches generated models: `$APEX_NB_CACHE` or `~/.cache/apex_nb`."
     return Path(os.environ.get('APEX_NB_CACHE', Path.home() / '.cache' / 'apex_nb'))
 
-def _eval_mode(pipe):
+def _frozen(pipe, vae_dtype=torch.float32):
+    "Every component in eval mode and frozen (`requires_grad_(False)`: a trainer unfreezes only what it trains); the VAE in `vae_dtype`."
     for name, m in pipe.components.items():
-        if isinstance(m, torch.nn.Module): m.eval()
+        if isinstance(m, torch.nn.Module): m.eval().requires_grad_(False)
+    pipe.vae.to(vae_dtype)   # the VAE decodes in float32 by default (as Flow-GRPO): fp16 VAEs overflow at 512 px
     return pipe
 
-def tiny_sd3_pipeline(seed: int = 0, dtype=torch.float32, device='cpu') -> StableDiffusion3Pipeline:
-    "The tiny random SD3 pipeline for `seed`, saved once to the cache and loaded back with `from_pretrained`."
-    path = cache_dir() / f'tiny-sd3-seed{seed}'
+def _cached_pipeline(folder: str, build_components, dtype, device, vae_dtype) -> StableDiffusion3Pipeline:
+    "A generated pipeline saved once to `cache_dir()/folder` (written to a temporary folder, renamed into place) and loaded back."
+    path = cache_dir() / folder
     if not (path / 'model_index.json').exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix='.tmp-'))
-        StableDiffusion3Pipeline(**tiny_sd3_components(seed)).save_pretrained(tmp)
+        StableDiffusion3Pipeline(**build_components()).save_pretrained(tmp)
         try: os.replace(tmp, path)
         except OSError: shutil.rmtree(tmp, ignore_errors=True)   # another process won the race: use its copy
     pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    return _eval_mode(pipe.to(device))
+    return _frozen(pipe.to(device), vae_dtype)
+
+def tiny_sd3_pipeline(seed: int = 0, dtype=torch.float32, device='cpu', vae_dtype=torch.float32) -> StableDiffusion3Pipeline:
+    "The tiny random SD3 pipeline for `seed`, saved once to the cache and loaded back with `from_pretrained`."
+    return _cached_pipeline(f'tiny-sd3-seed{seed}', lambda: tiny_sd3_components(seed), dtype, device, vae_dtype)
+
+# %% ../nbs/06_sd3.ipynb #d27ada40
+TWINS = ('sd35m-twin', 'sd35l-twin')
+
+def sd35_twin_components(name: str = 'sd35m-twin', seed: int = 0) -> dict:
+    "Tiny-width twins of SD3.5-Medium (`sd35m-twin`) and SD3.5-Large (`sd35l-twin`): real classes and structure, random weights."
+    if name not in TWINS: raise ValueError(f"unknown twin {name!r}; valid: {', '.join(TWINS)}")
+    torch.manual_seed(seed)
+    medium, (tok, tok3) = name == 'sd35m-twin', tiny_tokenizers()
+    clip = lambda width, act: CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=width, intermediate_size=2 * width, num_attention_heads=4, num_hidden_layers=2, vocab_size=520, projection_dim=width,
+        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_act=act))
+    heads = 4 if medium else 6
+    comps = dict(
+        transformer=SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=8,
+                                          num_attention_heads=heads, joint_attention_dim=96, caption_projection_dim=heads * 8,
+                                          pooled_projection_dim=80, out_channels=16, pos_embed_max_size=16, qk_norm='rms_norm',
+                                          dual_attention_layers=(0, 1) if medium else ()),
+        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+                          down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4, norm_num_groups=4,
+                          sample_size=TINY_SIZE, shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=clip(32, 'quick_gelu'), text_encoder_2=clip(48, 'gelu'),   # CLIP-L, CLIP-G
+        text_encoder_3=T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=96, d_ff=128, d_kv=16, num_layers=2, num_heads=6,
+                                               feed_forward_proj='gated-gelu', dropout_rate=0.0)),
+        tokenizer=tok, tokenizer_2=tok, tokenizer_3=tok3, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    for m in comps.values():
+        if isinstance(m, torch.nn.Module): m.eval()
+    return comps
+
+def sd35_twin_pipeline(name: str = 'sd35m-twin', seed: int = 0, dtype=torch.float32, device='cpu', vae_dtype=torch.float32) -> StableDiffusion3Pipeline:
+    "A twin pipeline, saved once to the cache in the hub's folder layout and loaded with `from_pretrained`."
+    return _cached_pipeline(f'{name}-seed{seed}', lambda: sd35_twin_components(name, seed), dtype, device, vae_dtype)
 
 # %% ../nbs/06_sd3.ipynb #78675065
 def load_pipeline(name_or_path: str = 'tiny', dtype=torch.float32, device='cpu', local_files_only: bool | None = None,
-                  seed: int = 0) -> StableDiffusion3Pipeline:
-    "'tiny' → `tiny_sd3_pipeline(seed)`; 'apex-tiny' → the shipped pretrained tiny model; else `from_pretrained` of a hub id or folder."
-    if name_or_path == 'tiny': return tiny_sd3_pipeline(seed, dtype, device)
-    if name_or_path == 'apex-tiny':
+                  seed: int = 0, vae_dtype=torch.float32) -> StableDiffusion3Pipeline:
+    """'tiny' → `tiny_sd3_pipeline(seed)`; 'apex-tiny' → the shipped pretrained tiny model; 'sd35m-twin' / 'sd35l-twin' → the
+    SD3.5 architecture twins; else `from_pretrained` of a hub id or folder. Weights in `dtype`, the VAE in `vae_dtype`, all frozen."""
+    if name_or_path == 'tiny': pipe = tiny_sd3_pipeline(seed, dtype, device, vae_dtype)
+    elif name_or_path in TWINS: pipe = sd35_twin_pipeline(name_or_path, seed, dtype, device, vae_dtype)
+    elif name_or_path == 'apex-tiny':
         from apex_nb.pretrain import load_apex_tiny   # lazy: pretrain imports this module
-        return load_apex_tiny(dtype, device)
+        pipe = load_apex_tiny(dtype, device)
+    else: pipe = _load_hub_pipeline(name_or_path, dtype, local_files_only)
+    pipe.set_progress_bar_config(disable=True)
+    pipe = _frozen(pipe.to(device), vae_dtype)
+    if pipe.transformer.dtype != dtype:   # an old diffusers ignores `dtype=` and loads float32 (SD3.5-M: ≈ 32 GB of weights)
+        raise RuntimeError(f"{name_or_path!r} loaded in {pipe.transformer.dtype}, not the requested {dtype}: diffusers >= 0.40 is needed")
+    return pipe
+
+def _load_hub_pipeline(name_or_path: str, dtype, local_files_only: bool | None) -> StableDiffusion3Pipeline:
     offline = local_files_only if local_files_only is not None else os.environ.get('HF_HUB_OFFLINE', '0') not in ('0', '', 'false')
     if not Path(name_or_path).exists() and '/' not in name_or_path:
-        raise ValueError(f"model {name_or_path!r} is neither 'tiny', 'apex-tiny', a local folder, nor a hub id like 'stabilityai/stable-diffusion-3.5-medium'")
-    try: pipe = StableDiffusion3Pipeline.from_pretrained(name_or_path, dtype=dtype, local_files_only=offline)
+        raise ValueError(f"model {name_or_path!r} is neither 'tiny', 'apex-tiny', {', '.join(map(repr, TWINS))}, a local folder, "
+                         f"nor a hub id like 'stabilityai/stable-diffusion-3.5-medium'")
+    try: return StableDiffusion3Pipeline.from_pretrained(name_or_path, dtype=dtype, local_files_only=offline)
     except (OSError, ValueError) as e:
         raise OSError(f"cannot load {name_or_path!r}{' offline' if offline else ''}: {e.__class__.__name__}. Download it on a "
                       f"connected machine (`hf download {name_or_path}`) into the HF cache or a folder, then pass that folder "
                       f"as the model (or unset HF_HUB_OFFLINE where the hub is reachable).") from e
-    pipe.set_progress_bar_config(disable=True)
-    return _eval_mode(pipe.to(device))
 
 # %% ../nbs/06_sd3.ipynb #491e2b2b
 @dataclass
@@ -161,7 +209,7 @@ def encode_prompts(pipe, prompts, guidance_scale: float, max_sequence_length: in
 
 def predict_velocity(transformer, x, t, prompt_embeds, pooled, guidance_scale: float):
     "The (guided) velocity at latents `x` and timestep `t` (scalar or N)."
-    inp = torch.cat([x] * 2) if guidance_scale > 1 else x
+    inp = (torch.cat([x] * 2) if guidance_scale > 1 else x).to(transformer.dtype)   # x is float32; the weights' dtype is chosen at load
     v = transformer(hidden_states=inp, timestep=torch.as_tensor(t, device=x.device).expand(inp.shape[0]),
                     encoder_hidden_states=prompt_embeds, pooled_projections=pooled, return_dict=False)[0]
     if guidance_scale > 1:
@@ -169,35 +217,49 @@ def predict_velocity(transformer, x, t, prompt_embeds, pooled, guidance_scale: f
         v = uncond + guidance_scale * (cond - uncond)
     return v
 
-def decode_latents(pipe, latents) -> torch.Tensor:
-    "Latents → images in [0, 1] (N×3×H×W), as the pipeline decodes them."
+def decode_latents(pipe, latents, batch_size: int | None = None) -> torch.Tensor:
+    "Latents → images in [0, 1] (N×3×H×W), as the pipeline decodes them, `batch_size` latents at a time (all when None)."
     x = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-    return pipe.image_processor.postprocess(pipe.vae.decode(x, return_dict=False)[0], output_type='pt')
+    decode = lambda z: pipe.image_processor.postprocess(pipe.vae.decode(z, return_dict=False)[0], output_type='pt')
+    return torch.cat([decode(z) for z in x.split(batch_size or len(x))])
 
 # %% ../nbs/06_sd3.ipynb #9f271731
 def sample_with_logprob(pipe, prompts, num_steps: int = 10, guidance_scale: float = 4.5, noise_level: float = 0.7,
-                        height: int | None = None, width: int | None = None, generator=None, max_sequence_length: int = 32) -> Trajectory:
-    "Sample images for `prompts` with the SDE policy, recording the trajectory and per-step log-probabilities."
+                        height: int | None = None, width: int | None = None, generator=None, max_sequence_length: int = 32,
+                        decode_batch_size: int | None = None) -> Trajectory:
+    "Sample images for `prompts` with the SDE policy, recording the trajectory (float32) and per-step log-probabilities."
     with torch.inference_mode():   # cheaper than no_grad; the results are cloned out below so training can use them
-        traj = _sample(pipe, list(prompts), num_steps, guidance_scale, noise_level, height, width, generator, max_sequence_length)
+        traj = _sample(pipe, list(prompts), num_steps, guidance_scale, noise_level, height, width, generator, max_sequence_length,
+                       decode_batch_size)
     return Trajectory(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(traj).items()})
 
-def _sample(pipe, prompts, num_steps, guidance_scale, noise_level, height, width, generator, max_sequence_length) -> Trajectory:
+def _sample(pipe, prompts, num_steps, guidance_scale, noise_level, height, width, generator, max_sequence_length, decode_batch_size) -> Trajectory:
     device = pipe.transformer.device   # looked up once: the pipeline's `_execution_device` walks every module each time
     height = height or pipe.default_sample_size * pipe.vae_scale_factor
     width = width or pipe.default_sample_size * pipe.vae_scale_factor
     pe, ppe = encode_prompts(pipe, prompts, guidance_scale, max_sequence_length, device)
-    x = pipe.prepare_latents(len(prompts), pipe.transformer.config.in_channels, height, width, pe.dtype, device, generator)
+    # the trajectory is float32 whatever the weights: x_{t+1} is stored exactly as its log-prob was computed (ratio 1 on-policy)
+    x = pipe.prepare_latents(len(prompts), pipe.transformer.config.in_channels, height, width, torch.float32, device, generator)
     timesteps, _ = retrieve_timesteps(pipe.scheduler, num_steps, device)
     sigmas = pipe.scheduler.sigmas.float()
     lats, logps, stds = [x], [], []
     for i, t in enumerate(timesteps):
         v = predict_velocity(pipe.transformer, x, t, pe, ppe, guidance_scale)
         st = sde_step(v, x, sigmas[i], sigmas[i + 1], sigmas[1], noise_level, generator)
-        x = st.sample.to(pe.dtype)
+        x = st.sample
         lats.append(x); logps.append(st.log_prob); stds.append(st.std[0])
-    return Trajectory(decode_latents(pipe, x), torch.stack(lats, 1), torch.stack(logps, 1), timesteps, sigmas,
+    return Trajectory(decode_latents(pipe, x, decode_batch_size), torch.stack(lats, 1), torch.stack(logps, 1), timesteps, sigmas,
                       torch.stack(stds), pe, ppe, guidance_scale)
+
+def cat_trajectories(trajs: list[Trajectory]) -> Trajectory:
+    "One trajectory from batches sampled separately (same schedule); prompt embeddings keep the [unconditional; conditional] layout."
+    if len(trajs) == 1: return trajs[0]
+    first, cfg = trajs[0], trajs[0].guidance_scale > 1
+    def embeds(name):
+        parts = [getattr(t, name) for t in trajs]
+        return torch.cat([p.chunk(2)[0] for p in parts] + [p.chunk(2)[1] for p in parts]) if cfg else torch.cat(parts)
+    return Trajectory(*(torch.cat([getattr(t, k) for t in trajs]) for k in ('images', 'latents', 'log_probs')), first.timesteps,
+                      first.sigmas, first.stds, embeds('prompt_embeds'), embeds('pooled_prompt_embeds'), first.guidance_scale)
 
 # %% ../nbs/06_sd3.ipynb #a9cda03b
 def step_log_prob(transformer, traj: Trajectory, i: int, noise_level: float, idx=None) -> SDEStep:
