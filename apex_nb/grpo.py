@@ -15,13 +15,14 @@ from .normalize import NORMALIZERS, get_normalizer, typical_group_std
 from .diagnostics import effective_shares, gradient_conflicts
 from .priorities import SCHEDULERS, AGGREGATORS, PromptBaseline, get_scheduler, aggregate
 from .rewards import REWARDS, get_reward, score_batch, load_prompts
-from .sd3 import sample_with_logprob, step_log_prob
+from .sd3 import sample_with_logprob, step_log_prob, cat_trajectories
 
 # %% auto #0
 __all__ = ['LORA_TARGETS', 'PRESETS', 'MAX_NONFINITE_STEPS', 'RunConfig', 'GRPOConfig', 'check_fields', 'check_common_fields',
-           'make_rewards', 'parse_run', 'validate_config', 'build_config', 'make_config', 'RunDir', 'write_atomic',
-           'read_metrics', 'ppo_clip_loss', 'kl_to_reference', 'TrainerCore', 'GRPOTrainer', 'RunStopped',
-           'clean_rewards', 'save_grid', 'overrides_from_params', 'config_from_params']
+           'place_rewards', 'make_rewards', 'parse_run', 'validate_config', 'build_config', 'make_config',
+           'split_sizes', 'local_samples', 'sampler_batches', 'decode_batches', 'micro_batches', 'RunDir',
+           'write_atomic', 'read_metrics', 'ppo_clip_loss', 'kl_to_reference', 'TrainerCore', 'GRPOTrainer',
+           'RunStopped', 'clean_rewards', 'save_grid', 'overrides_from_params', 'config_from_params']
 
 # %% ../nbs/07_grpo.ipynb #4b544ab9
 LORA_TARGETS = ('attn.to_q', 'attn.to_k', 'attn.to_v', 'attn.to_out.0', 'attn.add_q_proj', 'attn.add_k_proj', 'attn.add_v_proj', 'attn.to_add_out')
@@ -31,6 +32,7 @@ class RunConfig:
     "The knobs every trainer shares: model, prompts, objectives, sampling, LoRA, optimiser, schedule, output."
     model: str = 'tiny'                   # 'tiny' (random), 'apex-tiny' (pretrained), a hub id or a local folder
     dtype: str = 'float32'                # weights' dtype: float32 | float16 | bfloat16
+    vae_dtype: str = 'float32'            # the VAE's dtype (float32: fp16 VAEs overflow; trajectories are always float32)
     device: str = 'cpu'
     prompts: object = 'text'              # a built-in prompt set, a .txt/.jsonl path, or a list
     eval_prompts: object = None           # default: the first `eval_groups` training prompts
@@ -39,6 +41,9 @@ class RunConfig:
     steps: int = 10
     group_size: int = 4                   # samples per prompt (the GRPO group)
     groups_per_step: int = 2              # prompts per step (over all processes)
+    sample_batch_size: int = 0            # images per sampler call (0: all of a process's images in one call)
+    decode_batch_size: int = 0            # latents per VAE decode call (0: a sampler call's batch)
+    train_batch_size: int = 0             # samples per training micro-batch (0: a step's samples split into `grad_accum` parts)
     sample_steps: int = 4                 # denoising steps while training
     eval_sample_steps: int = 8
     noise_level: float = 0.7
@@ -51,7 +56,7 @@ class RunConfig:
     lr: float = 3e-4
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
-    grad_accum: int = 1
+    grad_accum: int = 1                   # micro-batches per optimiser step when train_batch_size = 0
     mixed_precision: str = 'no'           # accelerate: no | fp16 | bf16
     gradient_checkpointing: bool = False
     eval_every: int = 0                   # 0: only at the end
@@ -77,17 +82,18 @@ class GRPOConfig(RunConfig):
     conflict_timesteps: int = 1           # timesteps used for the per-objective gradients (a subsample)
     out_dir: str = 'runs/grpo'
 
+_SD35M = dict(model='stabilityai/stable-diffusion-3.5-medium', dtype='bfloat16', mixed_precision='bf16', device='cuda', prompts='text',
+              resolution=512, sample_steps=10, eval_sample_steps=40, lora_rank=32, lora_alpha=64, kl_beta=0.04,
+              gradient_checkpointing=True, eval_every=50, save_every=50, conflict_every=10, max_sequence_length=256, steps=1000)
+
 PRESETS = {
     'tiny-cpu': dict(model='apex-tiny', prompts='apex-tiny-signs', reward_options={'ocr': {'psm': 7}}),
     'tiny-random': {},
-    'sd35m-1gpu': dict(model='stabilityai/stable-diffusion-3.5-medium', dtype='float16', device='cuda', prompts='text',
-                       resolution=512, group_size=8, groups_per_step=6, sample_steps=10, eval_sample_steps=40, lora_rank=32,
-                       lora_alpha=64, kl_beta=0.04, mixed_precision='fp16', gradient_checkpointing=True, grad_accum=4,
-                       eval_every=50, save_every=50, conflict_every=10, max_sequence_length=256, steps=1000),
-    'sd35m-8gpu': dict(model='stabilityai/stable-diffusion-3.5-medium', dtype='float16', device='cuda', prompts='text',
-                       resolution=512, group_size=24, groups_per_step=48, sample_steps=10, eval_sample_steps=40, lora_rank=32,
-                       lora_alpha=64, kl_beta=0.04, mixed_precision='fp16', gradient_checkpointing=True, grad_accum=12,
-                       eval_every=50, save_every=50, conflict_every=10, max_sequence_length=256, steps=1000),
+    # SD3.5-M with LoRA as Flow-GRPO trains it, in bf16 (SD3.5's own dtype; the VAE and trajectories in float32). The batch knobs
+    # are set by the memory plan (benchmarks/sd35m_memory_plan.py, computed from these presets and the trainer's batching).
+    'sd35m-1gpu': dict(_SD35M, group_size=8, groups_per_step=6, sample_batch_size=8, decode_batch_size=2, train_batch_size=2),     # 24 GB
+    'sd35m-1gpu-80gb': dict(_SD35M, group_size=8, groups_per_step=6, sample_batch_size=24, decode_batch_size=8, train_batch_size=8),
+    'sd35m-8gpu': dict(_SD35M, group_size=24, groups_per_step=48, sample_batch_size=24, decode_batch_size=8, train_batch_size=8),  # 80 GB each
 }
 
 # %% ../nbs/07_grpo.ipynb #149e9c7c
@@ -106,9 +112,13 @@ def check_fields(c, ints=(), counts=(), ranges=()):
 def check_common_fields(c):
     "The fields every trainer has: sizes, sampling, LoRA, optimiser, precision, resolution."
     check_fields(c, ints=('steps', 'group_size', 'groups_per_step', 'sample_steps', 'eval_sample_steps', 'lora_rank', 'grad_accum', 'eval_groups', 'max_sequence_length'),
-                 counts=('eval_every', 'save_every', 'seed'),
+                 counts=('eval_every', 'save_every', 'seed', 'sample_batch_size', 'decode_batch_size', 'train_batch_size'),
                  ranges=[('noise_level', 0, 10), ('guidance_scale', 0, 100), ('lr', 0, 1), ('weight_decay', 0, 1), ('grad_clip', 0, 1e9)])
-    check_choice('dtype', c.dtype, ('float32', 'float16', 'bfloat16')); check_choice('mixed_precision', c.mixed_precision, ('no', 'fp16', 'bf16'))
+    for n in ('dtype', 'vae_dtype'): check_choice(n, getattr(c, n), ('float32', 'float16', 'bfloat16'))
+    check_choice('mixed_precision', c.mixed_precision, ('no', 'fp16', 'bf16'))
+    if c.train_batch_size and c.grad_accum > 1:
+        raise ValueError(f"give train_batch_size ({c.train_batch_size}) or grad_accum ({c.grad_accum}), not both: "
+                         f"train_batch_size sets the micro-batches of a step, grad_accum their number")
     multiple = 16 if c.model not in ('tiny', 'apex-tiny') else 8     # VAE factor × patch size: 8×2 for SD3, 4×2 for the tiny model
     if c.resolution % multiple: raise ValueError(f"resolution must be a multiple of {multiple} (VAE factor × patch size), got {c.resolution}")
 
@@ -117,6 +127,12 @@ def _check_ranges(c: GRPOConfig):
     check_fields(c, ints=('inner_epochs',), counts=('conflict_every', 'conflict_timesteps'),
                  ranges=[('clip_range', 0, 1), ('adv_clip', 0, 1e9), ('kl_beta', 0, 1e9), ('timestep_fraction', 0, 1)])
     if c.timestep_fraction == 0: raise ValueError("timestep_fraction must be > 0")
+
+def place_rewards(rewards: dict, device, reward_options: dict) -> dict:
+    "Model-backed rewards (those with a `device` option) on the trainer's `device`, unless `reward_options` names another."
+    for name, r in rewards.items():
+        if 'device' in r.defaults and 'device' not in reward_options.get(name, {}): r.device = r.options['device'] = str(device)
+    return rewards
 
 def make_rewards(objectives, reward_options: dict) -> dict:
     "The reward of every objective, built (not loaded) with its `reward_options`; options for a reward that is not an objective are refused."
@@ -157,6 +173,27 @@ def build_config(cls, presets: dict, preset: str, validate, **overrides):
 def make_config(preset: str = 'tiny-cpu', **overrides) -> GRPOConfig:
     "A validated config: the preset's values, then `overrides` (unknown names are refused with the valid ones)."
     return build_config(GRPOConfig, PRESETS, preset, validate_config, **overrides)
+
+def split_sizes(n: int, size: int) -> list[int]:
+    "Sizes of consecutive batches of at most `size` (all `n` at once when `size` is 0)."
+    size = size or n
+    return [min(size, n - i) for i in range(0, n, size)]
+
+def local_samples(c, num_processes: int = 1) -> int:
+    "Images one process samples per step."
+    return c.groups_per_step // num_processes * c.group_size
+
+def sampler_batches(c, num_processes: int = 1) -> list[int]:
+    "Images per sampler call of one process in one step (each call runs the transformer on twice as many sequences with CFG)."
+    return split_sizes(local_samples(c, num_processes), c.sample_batch_size)
+
+def decode_batches(c, num_processes: int = 1) -> list[int]:
+    "Latents per VAE decode call, over a step's sampler calls."
+    return [d for b in sampler_batches(c, num_processes) for d in split_sizes(b, c.decode_batch_size)]
+
+def micro_batches(c, n: int) -> list[int]:
+    "Samples per training micro-batch for `n` samples that train (one backward each): `train_batch_size`, or `n` in `grad_accum` parts."
+    return split_sizes(n, c.train_batch_size or math.ceil(n / c.grad_accum)) if n else []
 
 # %% ../nbs/07_grpo.ipynb #bd43f3fa
 def _comparable(cfg: dict) -> dict:
@@ -245,21 +282,24 @@ class TrainerCore:
     desc = 'train'                                         # the progress bar's label
     def __init__(self, cfg, callbacks=(), pipe=None):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         parsed = self.validate(cfg)                        # everything checkable is checked before a model loads
         self.cfg, self.callbacks = cfg, list(callbacks)
         self.objectives, self.prompts, self.eval_prompts = parsed['objectives'], parsed['prompts'], parsed['eval_prompts']
         self.names = [o.name for o in self.objectives]
         self.signs = torch.tensor([o.sign for o in self.objectives])
+        AcceleratorState._reset_state()   # one precision per process in accelerate; a notebook may run trainers of several (the process group stays)
         self.acc = Accelerator(cpu=cfg.device == 'cpu', mixed_precision=cfg.mixed_precision)
         if cfg.groups_per_step % self.acc.num_processes:
             raise ValueError(f"groups_per_step ({cfg.groups_per_step}) must divide by the number of processes ({self.acc.num_processes})")
         self.run = RunDir(cfg.out_dir, asdict(cfg), resume=cfg.resume) if self.acc.is_main_process else None   # only the main process writes
         self.acc.wait_for_everyone()
-        self.rewards = parsed['rewards']
+        self.rewards = place_rewards(parsed['rewards'], self.acc.device, cfg.reward_options)
         self.setup(parsed)
         self.pipe = pipe if pipe is not None else self._load_pipeline()
         self.params = self._add_lora()
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # prepared: under fp16 the accelerator's GradScaler unscales (clip_grad_norm_), steps, skips overflows and updates its scale
+        self.opt = self.acc.prepare_optimizer(torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay))
         self.step, self.nonfinite_streak = 0, 0
         if cfg.resume: self.load_checkpoint()
 
@@ -274,7 +314,8 @@ class TrainerCore:
 
     def _load_pipeline(self):
         from apex_nb.sd3 import load_pipeline
-        return load_pipeline(self.cfg.model, getattr(torch, self.cfg.dtype), self.acc.device, seed=self.cfg.seed)
+        return load_pipeline(self.cfg.model, getattr(torch, self.cfg.dtype), self.acc.device, seed=self.cfg.seed,
+                             vae_dtype=getattr(torch, self.cfg.vae_dtype))
 
     def _add_lora(self) -> list:
         from peft import LoraConfig
@@ -327,8 +368,18 @@ def sample(self: TrainerCore, prompts: list[str], step: int):
     first = self.acc.process_index * len(prompts) * c.group_size            # global index of this process's first sample
     gens = [torch.Generator(self.acc.device).manual_seed(_step_seed(c.seed, step, 2, first + i)) for i in range(len(prompts) * c.group_size)]
     expanded = [p for p in prompts for _ in range(c.group_size)]
-    return sample_with_logprob(self.pipe, expanded, c.sample_steps, c.guidance_scale, c.noise_level, c.resolution,
-                               c.resolution, gens, c.max_sequence_length), expanded
+    return self.sample_batches(expanded, gens, c.sample_steps, c.noise_level), expanded
+
+@patch
+def sample_batches(self: TrainerCore, prompts: list[str], generators: list, steps: int, noise_level: float):
+    "`sample_with_logprob` in calls of `sample_batch_size` images (one generator per image), under the accelerator's autocast."
+    c, trajs, i = self.cfg, [], 0
+    for n in split_sizes(len(prompts), c.sample_batch_size):
+        with self.acc.autocast():
+            trajs.append(sample_with_logprob(self.pipe, prompts[i:i + n], steps, c.guidance_scale, noise_level, c.resolution, c.resolution,
+                                             generators[i:i + n], c.max_sequence_length, c.decode_batch_size or None))
+        i += n
+    return cat_trajectories(trajs)
 
 # %% ../nbs/07_grpo.ipynb #0badf7f3
 class RunStopped(RuntimeError):
@@ -379,13 +430,22 @@ def _mean_over_processes(self: TrainerCore, t):
 
 @patch
 def optimizer_step(self: TrainerCore, stats: dict) -> dict:
-    "Clip and step — unless the loss or the gradient is non-finite: then skip (logged) and count the streak."
-    norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
-    finite = math.isfinite(norm) and all(math.isfinite(stats.get(k, 0.0)) for k in ('loss', 'kl'))
-    if finite: self.opt.step()
+    """Clip (the accelerator unscales fp16 gradients first) and step — unless the loss or the gradient is non-finite: then skip
+    (logged) and count the streak. Under fp16 the GradScaler always steps: it skips an overflowing update itself and lowers its scale."""
+    loss_finite = all(math.isfinite(stats.get(k, 0.0)) for k in ('loss', 'kl'))
+    norm = float(self.acc.clip_grad_norm_(self.params, self.cfg.grad_clip))
+    scaler = self.acc.scaler
+    if scaler is not None:
+        self.opt.step(); skipped = self.opt.step_was_skipped or not loss_finite   # an overflow is skipped and the scale halved
+        stats = stats | dict(loss_scale=float(scaler.get_scale()))
+    else:
+        skipped = not (loss_finite and math.isfinite(norm))
+        if not skipped: self.opt.step()
     self.opt.zero_grad(set_to_none=True)
-    self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
-    return stats | dict(grad_norm=norm, skipped_update=not finite)
+    # a run stops on non-finite losses or (without a scaler) gradients; fp16 overflows that the scaler absorbs are not faults
+    fault = not loss_finite or (scaler is None and skipped)
+    self.nonfinite_streak = self.nonfinite_streak + 1 if fault else 0
+    return stats | dict(grad_norm=norm, skipped_update=skipped)
 
 @patch
 def check_nonfinite_streak(self: TrainerCore, step: int):
@@ -439,15 +499,16 @@ def train_timesteps(self: GRPOTrainer) -> list[int]:
 @patch
 def update(self: GRPOTrainer, traj, A, C, conflicts: bool, sample_mask=None) -> dict:
     "PPO-clip + β·KL over the training timesteps (dropping zero-advantage groups and masked samples); one optimiser step."
-    c, tr = self.cfg, self.pipe.transformer
+    c, dev = self.cfg, self.acc.device
     keep = (A.view(-1, c.group_size).abs().sum(1) > 0).repeat_interleave(c.group_size)   # groups with any signal
     if sample_mask is not None: keep = keep & sample_mask                                 # samples with non-finite rewards
     idx = keep.nonzero().flatten()
+    A, C = A.to(dev, torch.float32), C.to(dev, torch.float32)   # the balance step's results meet the model: the one move to its device
     stats = dict(zero_std_groups=float(1 - keep.float().mean()), loss=0.0, pg_loss=0.0, kl=0.0, clip_frac=0.0, ratio_first=math.nan,
                  cos=None, conflict_rate=None, diag_seconds=0.0, diag_path=None, grad_norm=0.0, skipped_update=False)
     if len(idx) == 0: return stats                          # nothing to learn from this batch
-    steps, chunks = self.train_timesteps(), idx.chunk(c.grad_accum)
-    J = torch.zeros(len(self.names), sum(p.numel() for p in self.params)) if self.aggregator else None
+    steps, chunks = self.train_timesteps(), idx.to(dev).split(micro_batches(c, len(idx)))
+    J = torch.zeros(len(self.names), sum(p.numel() for p in self.params), device=dev) if self.aggregator else None
     for epoch in range(c.inner_epochs):
         for j in steps:
             for chunk in chunks:
@@ -456,7 +517,7 @@ def update(self: GRPOTrainer, traj, A, C, conflicts: bool, sample_mask=None) -> 
     if self.aggregator: stats['agg_weights'] = self._set_aggregated_grads(self._mean_over_processes(J))
     else:
         for p in self.params: p.grad = self._mean_over_processes(p.grad)
-    if stats['cos'] is not None: stats['cos'] = self._mean_over_processes(stats['cos'])   # one set of weights everywhere
+    if stats['cos'] is not None: stats['cos'] = self._mean_over_processes(stats['cos']).cpu()   # for the scheduler, on the CPU
     return self.optimizer_step(stats)
 
 # %% ../nbs/07_grpo.ipynb #a7cb02cf
@@ -464,21 +525,21 @@ def update(self: GRPOTrainer, traj, A, C, conflicts: bool, sample_mask=None) -> 
 def _accumulate(self: GRPOTrainer, traj, A, C, j, chunk, n_total, n_terms, stats, J, conflicts: bool):
     "Loss (or per-objective losses) of timestep `j` on samples `chunk`, backpropagated into .grad (or J); `n_terms` = timesteps × epochs."
     c, tr = self.cfg, self.pipe.transformer
-    st = step_log_prob(tr, traj, j, c.noise_level, idx=chunk)
-    a, w = A[chunk].to(st.log_prob.device), len(chunk) / n_total / n_terms   # this term's weight in the mean loss
+    with self.acc.autocast(): st = step_log_prob(tr, traj, j, c.noise_level, idx=chunk)
+    a, w = A[chunk], len(chunk) / n_total / n_terms   # A, C and chunk live on the model's device (moved once in `update`)
     if conflicts:
         t = time.perf_counter()
         conf = gradient_conflicts(st.log_prob, C[chunk], self.params, sample_idx=None, subset='LoRA (all)', names=self.names, retain_graph=True)
         stats.update(cos=conf['cos'], conflict_rate=conf['conflict_rate'], diag_path=conf['path'], diag_seconds=time.perf_counter() - t)
-    pg, clip_frac, ratio = ppo_clip_loss(st.log_prob, traj.log_probs[chunk, j].to(st.log_prob.device), a, c.clip_range)
+    pg, clip_frac, ratio = ppo_clip_loss(st.log_prob, traj.log_probs[chunk, j], a, c.clip_range)
     if math.isnan(stats['ratio_first']): stats['ratio_first'] = ratio.mean().item()
-    kl = torch.zeros(())
+    kl = torch.zeros((), device=ratio.device)
     if c.kl_beta > 0:
-        with torch.no_grad():
+        with torch.no_grad(), self.acc.autocast():
             tr.disable_adapters(); ref = step_log_prob(tr, traj, j, c.noise_level, idx=chunk); tr.enable_adapters()
         kl = kl_to_reference(st.mean, ref.mean, traj.stds[j]).mean()
     if self.aggregator:
-        per_objective = torch.stack([-(C[chunk, k].to(ratio.device) * ratio).mean() for k in range(C.shape[1])]) * w
+        per_objective = torch.stack([-(C[chunk, k] * ratio).mean() for k in range(C.shape[1])]) * w
         from apex_nb.diagnostics import objective_jacobian
         J += objective_jacobian(per_objective + c.kl_beta * kl * w / C.shape[1], self.params, 'loop')
     else:
@@ -492,8 +553,10 @@ def _accumulate(self: GRPOTrainer, traj, A, C, j, chunk, n_total, n_terms, stats
 def _set_aggregated_grads(self: GRPOTrainer, J):
     "Combine the per-objective gradients (rows of J) with the torchjd aggregator into the parameters' .grad."
     agg = aggregate(self.aggregator, J, seed=_step_seed(self.cfg.seed, self.step, 3))
-    for p, g in zip(self.params, agg.vector.split([p.numel() for p in self.params])): p.grad = g.view_as(p).to(p.dtype).clone()
-    return agg.display.float()                         # logged as this step's weights: the aggregator's per-objective pull
+    # J holds unscaled gradients; under fp16 the optimiser step unscales .grad first, so scale them as a backward would (exact: 2^k)
+    scale = self.acc.scaler.get_scale() if self.acc.scaler is not None else 1.0
+    for p, g in zip(self.params, agg.vector.split([p.numel() for p in self.params])): p.grad = (g.view_as(p) * scale).to(p.device, p.dtype)
+    return agg.display.float().cpu()                   # logged as this step's weights: the aggregator's per-objective pull
 
 # %% ../nbs/07_grpo.ipynb #f76d71ae
 @patch
@@ -527,7 +590,8 @@ def save_checkpoint(self: TrainerCore) -> Path | None:
     def write(folder):
         type(self.pipe).save_lora_weights(folder, transformer_lora_layers=self.lora_state_dict(),   # with its LoraConfig: α/r survives
                                           transformer_lora_adapter_metadata=self.pipe.transformer.peft_config['default'].to_dict())
-        torch.save(dict(step=self.step, optimizer=self.opt.state_dict(), **self.extra_state(),
+        scaler = {} if self.acc.scaler is None else dict(scaler=self.acc.scaler.state_dict())
+        torch.save(dict(step=self.step, optimizer=self.opt.state_dict(), **scaler, **self.extra_state(),
                         rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())),
                    folder / 'trainer_state.pt')
     return self.run.save_checkpoint(self.step, write)
@@ -544,6 +608,7 @@ def load_checkpoint(self: TrainerCore):
     set_peft_model_state_dict(self.pipe.transformer, {k.removeprefix('transformer.'): v for k, v in lora.items()})
     st = torch.load(ckpts[-1] / 'trainer_state.pt', weights_only=False)
     self.opt.load_state_dict(st['optimizer']); self.load_extra_state(st)
+    if self.acc.scaler is not None and 'scaler' in st: self.acc.scaler.load_state_dict(st['scaler'])
     torch.set_rng_state(st['rng']['torch']); np.random.set_state(st['rng']['numpy']); random.setstate(st['rng']['python'])
     self.step = st['step']
     if self.run is not None: self.run.truncate_log(self.step)
@@ -554,8 +619,8 @@ def load_checkpoint(self: TrainerCore):
 def evaluate(self: TrainerCore) -> dict:
     "Deterministic (ODE, noise 0) samples of the eval prompts, scored; logged as an `eval` line, grid saved under eval/."
     c = self.cfg
-    gen = torch.Generator(self.acc.device).manual_seed(_step_seed(c.seed, 0, 4))
-    traj = sample_with_logprob(self.pipe, self.eval_prompts, c.eval_sample_steps, c.guidance_scale, 0.0, c.resolution, c.resolution, gen, c.max_sequence_length)
+    gens = [torch.Generator(self.acc.device).manual_seed(_step_seed(c.seed, 0, 4, i)) for i in range(len(self.eval_prompts))]
+    traj = self.sample_batches(list(self.eval_prompts), gens, c.eval_sample_steps, 0.0)
     R = self.score(traj.images, self.eval_prompts, self.step) * self.signs
     rec = dict(step=self.step, eval=dict(zip(self.names, R.mean(0).tolist())), eval_std=dict(zip(self.names, R.std(0, correction=0).tolist())),
                prompts=list(self.eval_prompts))

@@ -39,7 +39,7 @@ def test_bad_configuration_fails_before_any_model_loads(tmp_path, no_model_loads
 
 
 def test_unknown_preset_and_option(no_model_loads):
-    with pytest.raises(ValueError, match="unknown preset 'sd36'; valid choices: tiny-cpu, tiny-random, sd35m-1gpu, sd35m-8gpu"): make_config("sd36")
+    with pytest.raises(ValueError, match="unknown preset 'sd36'; valid choices: tiny-cpu, tiny-random, sd35m-1gpu, sd35m-1gpu-80gb, sd35m-8gpu"): make_config("sd36")
     with pytest.raises(ValueError, match="unknown config option 'stepz'"): make_config(stepz=3)
 
 
