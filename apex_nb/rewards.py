@@ -438,8 +438,8 @@ class RewardServer:
     def __exit__(self, *exc): self.close()
 
 # %% ../nbs/05_rewards.ipynb #4915a258
-def post_scores(url: str, images: Sequence[Image.Image], prompts: Sequence[str], timeout: float = 120.0) -> list[float]:
-    "Scores of `images` from a reward server at `url` (see `RewardServer`), with clear errors for failures."
+def post_scores(url: str, images: Sequence[Image.Image], prompts: Sequence[str], timeout: float = 120.0, info: dict | None = None) -> list[float]:
+    "Scores of `images` from a reward server at `url` (see `RewardServer`), with clear errors for failures; `info` gets the server's `scorer`."
     body = json.dumps({'images': encode_images(images), 'prompts': list(prompts)}).encode()
     req = urllib.request.Request(url, data=body, headers={'Content-Type': 'application/json'})
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))   # a reward server is local: never via a proxy
@@ -457,6 +457,7 @@ def post_scores(url: str, images: Sequence[Image.Image], prompts: Sequence[str],
     scores = payload.get('scores') if isinstance(payload, dict) else None
     if not isinstance(scores, list) or len(scores) != len(images):
         raise RuntimeError(f"reward server {url} sent {str(payload)[:200]!r}, expected {{'scores': [{len(images)} numbers]}}")
+    if info is not None: info['scorer'] = payload.get('scorer')
     return [float(s) for s in scores]
 
 @register_reward
@@ -466,11 +467,13 @@ class DeQA(Reward):
     defaults = dict(url=None, timeout=120.0, batch_size=16)
     def _load(self):
         if not self.url: raise ValueError("the deqa reward needs url= of a DeQA reward server, e.g. 'http://127.0.0.1:18086/score' "
-                                          "(start one with RewardServer(deqa_score_fn()) in DeQA-Score's environment)")
+                                          "(start one in DeQA-Score's own environment: python scripts/deqa_reward_server.py --port 18086)")
     def score(self, images, prompts, metadata):
-        out = []
+        out, info = [], {}
         for i in range(0, len(images), self.batch_size):
-            out += post_scores(self.url, images[i:i + self.batch_size], prompts[i:i + self.batch_size], self.timeout)
+            out += post_scores(self.url, images[i:i + self.batch_size], prompts[i:i + self.batch_size], self.timeout, info)
+        if str(info.get('scorer') or '').startswith('stand-in') and not getattr(self, '_warned', False):
+            warnings.warn(f"deqa: {self.url} serves {info['scorer']!r}, not DeQA-Score: its scores are a stand-in's"); self._warned = True
         return out
 
 def deqa_score_fn(model: str = 'zhiyuanyou/DeQA-Score-Mix3', device: str = 'cuda', dtype='float16',
