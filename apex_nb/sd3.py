@@ -13,10 +13,10 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import r
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
 # %% auto #0
-__all__ = ['T5_CHARS', 'TINY_SIZE', 'TWINS', 'tiny_tokenizers', 'tiny_sd3_components', 'cache_dir', 'tiny_sd3_pipeline',
-           'sd35_twin_components', 'sd35_twin_pipeline', 'load_pipeline', 'SDEStep', 'gaussian_noise',
-           'sde_noise_scale', 'sde_step', 'Trajectory', 'encode_prompts', 'predict_velocity', 'decode_latents',
-           'sample_with_logprob', 'cat_trajectories', 'step_log_prob']
+__all__ = ['T5_CHARS', 'TINY_SIZE', 'TWINS', 'tiny_tokenizers', 'tiny_sd3_components', 'cache_dir', 'component_dtypes',
+           'tiny_sd3_pipeline', 'sd35_twin_components', 'sd35_twin_pipeline', 'load_pipeline', 'SDEStep',
+           'gaussian_noise', 'sde_noise_scale', 'sde_step', 'Trajectory', 'encode_prompts', 'predict_velocity',
+           'decode_latents', 'sample_with_logprob', 'cat_trajectories', 'step_log_prob']
 
 # %% ../nbs/06_sd3.ipynb #9241bb02
 T5_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;!?\"'-()/&"
@@ -62,11 +62,16 @@ def cache_dir() -> Path:
     "Where apex_nb caches generated models: `$APEX_NB_CACHE` or `~/.cache/apex_nb`."
     return Path(os.environ.get('APEX_NB_CACHE', Path.home() / '.cache' / 'apex_nb'))
 
+def component_dtypes(dtype, vae_dtype=torch.float32) -> dict:
+    """`from_pretrained`'s per-component dtypes: the VAE in `vae_dtype` (float32 by default, as Flow-GRPO: fp16 VAEs overflow at 512 px,
+    and loading it in bf16 first would round its weights), everything else in `dtype`."""
+    return {'default': dtype, 'vae': vae_dtype}
+
 def _frozen(pipe, vae_dtype=torch.float32):
     "Every component in eval mode and frozen (`requires_grad_(False)`: a trainer unfreezes only what it trains); the VAE in `vae_dtype`."
     for name, m in pipe.components.items():
         if isinstance(m, torch.nn.Module): m.eval().requires_grad_(False)
-    pipe.vae.to(vae_dtype)   # the VAE decodes in float32 by default (as Flow-GRPO): fp16 VAEs overflow at 512 px
+    if pipe.vae.dtype != vae_dtype: pipe.vae.to(vae_dtype)   # loaders pass it already (`component_dtypes`); a pipeline built by hand may not
     return pipe
 
 def _cached_pipeline(folder: str, build_components, dtype, device, vae_dtype) -> StableDiffusion3Pipeline:
@@ -78,7 +83,7 @@ def _cached_pipeline(folder: str, build_components, dtype, device, vae_dtype) ->
         StableDiffusion3Pipeline(**build_components()).save_pretrained(tmp)
         try: os.replace(tmp, path)
         except OSError: shutil.rmtree(tmp, ignore_errors=True)   # another process won the race: use its copy
-    pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype)
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=component_dtypes(dtype, vae_dtype))
     pipe.set_progress_bar_config(disable=True)
     return _frozen(pipe.to(device), vae_dtype)
 
@@ -127,15 +132,15 @@ def load_pipeline(name_or_path: str = 'tiny', dtype=torch.float32, device='cpu',
     elif name_or_path in TWINS: pipe = sd35_twin_pipeline(name_or_path, seed, dtype, device, vae_dtype)
     elif name_or_path == 'apex-tiny':
         from apex_nb.pretrain import load_apex_tiny   # lazy: pretrain imports this module
-        pipe = load_apex_tiny(dtype, device)
-    else: pipe = _load_hub_pipeline(name_or_path, dtype, local_files_only)
+        pipe = load_apex_tiny(component_dtypes(dtype, vae_dtype), device)
+    else: pipe = _load_hub_pipeline(name_or_path, component_dtypes(dtype, vae_dtype), local_files_only)
     pipe.set_progress_bar_config(disable=True)
     pipe = _frozen(pipe.to(device), vae_dtype)
     if pipe.transformer.dtype != dtype:   # an old diffusers ignores `dtype=` and loads float32 (SD3.5-M: ≈ 32 GB of weights)
         raise RuntimeError(f"{name_or_path!r} loaded in {pipe.transformer.dtype}, not the requested {dtype}: diffusers >= 0.40 is needed")
     return pipe
 
-def _load_hub_pipeline(name_or_path: str, dtype, local_files_only: bool | None) -> StableDiffusion3Pipeline:
+def _load_hub_pipeline(name_or_path: str, dtype: dict, local_files_only: bool | None) -> StableDiffusion3Pipeline:
     offline = local_files_only if local_files_only is not None else os.environ.get('HF_HUB_OFFLINE', '0') not in ('0', '', 'false')
     if not Path(name_or_path).exists() and '/' not in name_or_path:
         raise ValueError(f"model {name_or_path!r} is neither 'tiny', 'apex-tiny', {', '.join(map(repr, TWINS))}, a local folder, "
