@@ -23,7 +23,7 @@ command -v $(1) >/dev/null || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/d
   else echo "warning: $(1) not found; install it with: apt-get install $(2)"; fi; }
 endef
 
-.PHONY: setup train test
+.PHONY: setup train test gpu-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: settings.ini setup.py
@@ -52,3 +52,8 @@ test: setup
 	  if [ "$$before" != "$$after" ]; then git status --short -- nbs apex_nb; \
 	    echo "nbdev_export/nbdev_clean changed the tree: the notebooks and apex_nb/ were out of sync or not clean; commit the result"; exit 1; fi
 	@echo "export and clean leave the tree unchanged"
+
+# On a CUDA machine: the SD3.5 twins on the GPU (≈ 1 min), then 2 steps of `sd35m-1gpu` on real SD3.5-M if its weights are here
+# (flags through GPU_CHECK_ARGS, e.g. GPU_CHECK_ARGS="--model /data/sd35m"). Without a GPU it says so and exits 0.
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
