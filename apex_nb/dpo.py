@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
 from .core import Registry, check_choice, group_ids_for
-from .grpo import (LORA_TARGETS, PRESETS, RunConfig, TrainerCore, clean_rewards, RunDir, build_config, check_fields, check_common_fields, parse_run,
+from .grpo import (LORA_TARGETS, PRESETS, RunConfig, TrainerCore, clean_rewards, RunDir, build_config, check_fields, check_common_fields, parse_run, micro_batches,
                           overrides_from_params, read_metrics, _step_seed)
 from .sd3 import encode_prompts
 
@@ -388,8 +388,8 @@ def online_pairs(self: DPOTrainer, step: int) -> dict:
     pe, ppe = traj.prompt_embeds[-n_cond:], traj.pooled_prompt_embeds[-n_cond:]          # the conditional half
     w, l = w[mine] - lo, l[mine] - lo
     x0 = traj.latents[:, -1].float()
-    return dict(x_w=x0[w], x_l=x0[l], pe=pe[w], ppe=ppe[w], R=R, labels=lab, n_pairs=len(rows), masked_samples=rstats['masked_samples'],
-                times=dict(sample=t1 - t0, score=t2 - t1))
+    return dict(x_w=x0[w], x_l=x0[l], pe=pe[w], ppe=ppe[w], pair_ids=mine.nonzero().flatten(), R=R, labels=lab, n_pairs=len(rows),
+                masked_samples=rstats['masked_samples'], times=dict(sample=t1 - t0, score=t2 - t1))
 
 # %% ../nbs/09_dpo.ipynb #94e9859f
 @patch
@@ -420,37 +420,37 @@ def offline_pairs(self: DPOTrainer, step: int) -> dict:
     mine = mine[labels[mine] != 0]
     a_wins = (labels[mine] > 0)[:, None, None, None]
     lat = data['latents'][idx[mine]]
-    pe, ppe = encode_prompts(self.pipe, [self.offline[i]['prompt'] for i in idx[mine].tolist()], 1.0, c.max_sequence_length, self.acc.device) \
-        if len(mine) else (None, None)
-    return dict(x_w=torch.where(a_wins, lat[:, 0], lat[:, 1]), x_l=torch.where(a_wins, lat[:, 1], lat[:, 0]), pe=pe, ppe=ppe, R=R,
+    with torch.no_grad():                                                              # conditioning only: no text-encoder graph kept
+        pe, ppe = encode_prompts(self.pipe, [self.offline[i]['prompt'] for i in idx[mine].tolist()], 1.0, c.max_sequence_length, self.acc.device) \
+            if len(mine) else (None, None)
+    return dict(x_w=torch.where(a_wins, lat[:, 0], lat[:, 1]), x_l=torch.where(a_wins, lat[:, 1], lat[:, 0]), pe=pe, ppe=ppe, pair_ids=mine, R=R,
                 labels=Labels(labels, lab.tie, lab.votes), n_pairs=int((labels != 0).sum()), times=dict(sample=0.0, score=time.perf_counter() - t0))
 
 # %% ../nbs/09_dpo.ipynb #f2c1529b
 @patch
 def dpo_update(self: DPOTrainer, batch: dict, step: int) -> dict:
-    "Flow DPO loss on this process's pairs (shared noise and σ per pair), gradients averaged over processes, one optimiser step."
+    "Flow DPO loss, the mean over all processes' pairs (shared noise and σ per pair), gradients summed over processes, one optimiser step."
     c, tr = self.cfg, self.pipe.transformer
     x_w, x_l = batch['x_w'].to(self.acc.device), batch['x_l'].to(self.acc.device)
-    n = len(x_w)
-    g = torch.Generator().manual_seed(_step_seed(c.seed, step, 5, self.acc.process_index))
-    noise = torch.randn(x_w.shape, generator=g).to(self.acc.device)
-    sigma = shifted_sigmas(n, self.pipe.scheduler.config.shift, g).to(self.acc.device)
+    n, N = len(x_w), batch['n_pairs']                    # this process's pairs, all processes' pairs
+    if N == 0:                                           # no decisive pair anywhere: no step (weight decay alone would move the LoRA)
+        return dict(loss=math.nan, implicit_acc=math.nan, reward_margin=math.nan, grad_norm=0.0)
+    gens = [torch.Generator().manual_seed(_step_seed(c.seed, step, 5, j)) for j in batch['pair_ids'].tolist()]   # pair j's own draw, on any process
+    noise = torch.stack([torch.randn(x_w.shape[1:], generator=g) for g in gens]).to(self.acc.device) if n else torch.zeros_like(x_w)
+    sigma = torch.cat([shifted_sigmas(1, self.pipe.scheduler.config.shift, g) for g in gens]).to(self.acc.device) if n else x_w.new_zeros(0)
     T = self.pipe.scheduler.config.num_train_timesteps
-    stats = dict(loss=0.0, implicit_acc=0.0, reward_margin=0.0, grad_norm=0.0)
-    for chunk in torch.arange(n).chunk(c.grad_accum) if n else []:
+    keys, local = ('loss', 'implicit_acc', 'reward_margin'), torch.zeros(3, dtype=torch.float64)
+    for chunk in torch.arange(n).split(micro_batches(c, n)):
         x0, eps, s = torch.cat([x_w[chunk], x_l[chunk]]), noise[chunk].repeat(2, 1, 1, 1), sigma[chunk].repeat(2)
         pe, ppe = batch['pe'][chunk].repeat(2, 1, 1), batch['ppe'][chunk].repeat(2, 1)
         with self.acc.autocast(): v, target = flow_velocity(tr, x0, eps, s, pe, ppe, T)
         with torch.no_grad(), reference_model(tr, c.reference), self.acc.autocast(): v_ref, _ = flow_velocity(tr, x0, eps, s, pe, ppe, T)
         k = len(chunk)
         out = flow_dpo_loss(v[:k], v[k:], v_ref[:k], v_ref[k:], target[:k], target[k:], c.beta)
-        self.acc.backward(out.loss * k / n)
-        for key in ('loss', 'implicit_acc', 'reward_margin'): stats[key] += getattr(out, key).item() * k / n
-    if batch['n_pairs'] == 0:                            # no decisive pair anywhere: no step (weight decay alone would move the LoRA)
-        for key in ('loss', 'implicit_acc', 'reward_margin'): stats[key] = math.nan
-        return stats
-    for p in self.params: p.grad = self._mean_over_processes(torch.zeros_like(p) if p.grad is None else p.grad)
-    return self.optimizer_step(stats)
+        self.acc.backward(out.loss * k / N)              # each pair weighs 1/N wherever it lives: the sum over processes is the mean
+        local += torch.tensor([getattr(out, key).item() for key in keys], dtype=torch.float64) * k / N
+    for p in self.params: p.grad = self._mean_over_processes(torch.zeros_like(p) if p.grad is None else p.grad, 'sum')
+    return self.optimizer_step(dict(zip(keys, self._mean_over_processes(local, 'sum').tolist()), grad_norm=0.0))
 
 @patch
 def update_reference(self: DPOTrainer, step: int) -> bool:

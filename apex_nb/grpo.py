@@ -423,10 +423,10 @@ def balance(self: GRPOTrainer, R, group_ids, prompts) -> dict:
 
 # %% ../nbs/07_grpo.ipynb #56063a8b
 @patch
-def _mean_over_processes(self: TrainerCore, t):
-    "The mean of `t` over processes (accelerate's reduce; a no-op on one process)."
+def _mean_over_processes(self: TrainerCore, t, reduction: str = 'mean'):
+    "The mean (or `reduction='sum'`) of `t` over processes (accelerate's reduce; a no-op on one process), on `t`'s device."
     if self.acc.num_processes == 1 or t is None: return t
-    return self.acc.reduce(t.to(self.acc.device).contiguous(), reduction='mean').to(t.device)
+    return self.acc.reduce(t.to(self.acc.device).contiguous(), reduction=reduction).to(t.device)
 
 @patch
 def optimizer_step(self: TrainerCore, stats: dict) -> dict:

@@ -1,10 +1,14 @@
-"""The GRPO trainer under 2 CPU processes (torchrun + accelerate, gloo): groups are gathered across processes before
-normalisation (step 0: exactly the normalisation of all groups, on the same samples a 1-process run draws), and both
-processes end with identical LoRA weights (gradients averaged through accelerate)."""
-import os, subprocess, sys
+"""The GRPO and DPO trainers under 2 CPU processes (torchrun + accelerate, gloo). GRPO: groups are gathered across
+processes before normalisation (step 0: exactly the normalisation of all groups, on the same samples a 1-process run
+draws), and both processes end with identical LoRA weights (gradients averaged through accelerate). DPO: every process
+labels the same gathered scores, trains its own groups' pairs with each pair weighted 1/N of the step's pairs (the loss
+is the mean over all processes' pairs) and the noise of the pair's global index, so 2 processes train what 1 does;
+policy and reference adapters stay bit-identical across processes."""
+import math, os, subprocess, sys
 from pathlib import Path
 import torch
 from apex_nb.core import group_ids_for
+from apex_nb.dpo import all_pairs
 from apex_nb.normalize import get_normalizer
 
 SCRIPT = r"""
@@ -17,6 +21,27 @@ for _ in range(2):
     t.train_step(); batches.append({k: v for k, v in t.last_batch.items()})
 lora = {k: v.detach().clone() for k, v in t.lora_state_dict().items()}
 torch.save(dict(batches=batches, lora=lora, world=t.acc.num_processes), f"{out}/result-{t.acc.process_index}.pt")
+"""
+
+
+DPO_SCRIPT = r"""
+import sys, torch
+from apex_nb.dpo import DPOTrainer, make_dpo_config, adapter_params
+out = sys.argv[1]
+t = DPOTrainer(make_dpo_config('tiny-random', steps=2, pairs='all', reference='ref', ref_update_every=1, save_every=0, eval_every=0,
+                               out_dir=out + '/run', seed=1))
+update, mine = t.dpo_update, []
+def spy(batch, step):                     # the pairs this process trains: their global indices (noise seeds) and count
+    mine.append(dict(pair_ids=batch['pair_ids'].clone(), n=len(batch['x_w']))); return update(batch, step)
+t.dpo_update = spy
+steps = []
+for step in range(2):
+    prompts = t.step_prompts(step)        # this process's slice of the step's prompts
+    rec = t.train_step()
+    steps.append(dict(t.last_batch, prompts=prompts, loss=rec['loss'], grad_norm=rec['grad_norm'], **mine[-1]))
+tr = t.pipe.transformer
+adapters = {a: {n: p.detach().clone() for n, p in adapter_params(tr, a).items()} for a in ('default', 'ref')}
+torch.save(dict(steps=steps, adapters=adapters, world=t.acc.num_processes), f"{out}/result-{t.acc.process_index}.pt")
 """
 
 
@@ -53,3 +78,54 @@ def test_two_processes_match_one(tmp_path):
     assert len(r2[0]["lora"]) > 0
     for k in r2[0]["lora"]:                                                # the processes stay in sync: gradients averaged
         assert torch.equal(r2[0]["lora"][k], r2[1]["lora"][k]), k
+
+
+def test_dpo_two_processes(tmp_path):
+    script = tmp_path / "train_dpo.py"; script.write_text(DPO_SCRIPT)
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(); two.mkdir()
+    run([sys.executable, str(script)], one)
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    run([torchrun, "--nproc_per_node", "2", "--master_port", "29518", str(script)], two)
+    r1 = torch.load(one / "result-0.pt", weights_only=False)
+    r2 = [torch.load(two / f"result-{i}.pt", weights_only=False) for i in (0, 1)]
+    assert (r1["world"], r2[0]["world"], r2[1]["world"]) == (1, 2, 2)
+    pairs = all_pairs(group_ids_for([4, 4]))                                       # tiny-random: 2 groups of 4, one per process
+    counts = []
+    for step in range(2):
+        s1, (a, b) = r1["steps"][step], (r2[i]["steps"][step] for i in (0, 1))
+        assert a["prompts"] + b["prompts"] == s1["prompts"]                          # each process its slice of the same draw
+        for key in ("rewards", "labels"):                                            # every process holds the same gathered scores and labels
+            assert torch.equal(a[key], b[key]), (step, key)
+        assert a["n_pairs"] == b["n_pairs"] == s1["n_pairs"] > 0
+        # The pairs are split, not duplicated or lost: the processes' pair indices partition 0..N-1, each trains its own
+        # groups' pairs, and together as many as one process trains.
+        assert torch.equal(torch.cat([a["pair_ids"], b["pair_ids"]]), torch.arange(s1["n_pairs"])), step
+        assert a["n"] + b["n"] == a["n_pairs"] == s1["n"], step
+        counts.append((a["n"], b["n"]))
+        # The same samples as one process: the 2-process weights equal the 1-process ones to float rounding (checked below),
+        # so the images agree to rounding; 8-bit quantisation can still move a pixel level, which moves BRISQUE and JPEG
+        # size by up to ~1e-3 relative (measured: 8e-4) → rtol 5e-3. A scorer's vote on a pair can only differ between the
+        # runs if its 1-process gap is within twice that scorer's largest run-to-run score difference d (exact when d = 0,
+        # e.g. OCR reading the same on both), so labels must match on every pair whose votes are all clear of that, and
+        # such pairs must be most of them for the check to mean anything.
+        R1, R2 = s1["rewards"], a["rewards"]
+        assert torch.allclose(R1, R2, rtol=5e-3, atol=1e-6), (step, (R1 - R2).abs().max(0).values)
+        d, gap = (R1 - R2).abs().max(0).values, R1[pairs[:, 0]] - R1[pairs[:, 1]]
+        clear = ((d == 0) | (gap.abs() > 2 * d)).all(1)
+        assert clear.float().mean() >= 0.5, (step, d, gap)
+        assert torch.equal(s1["labels"][clear], a["labels"][clear]), (step, s1["labels"], a["labels"], clear)
+        # The loss is finite and, with the reference re-copied after every step, exactly log 2 (policy = reference); every
+        # process logs the same global loss and gradient norm, and that norm is the 1-process one: each pair weighs 1/N
+        # wherever it lives (weighting each process's mean equally gave a 3e-3 relative difference with 6 vs 3 pairs).
+        assert math.isfinite(a["loss"]) and a["loss"] == b["loss"] and abs(a["loss"] - math.log(2)) < 1e-5
+        assert a["grad_norm"] == b["grad_norm"] and math.isclose(a["grad_norm"], s1["grad_norm"], rel_tol=1e-4), (step, a["grad_norm"], s1["grad_norm"])
+    assert any(x != y for x, y in counts), counts                                      # unequal shares exercised (seed 1, step 0: 6 vs 3)
+    for adapter in ("default", "ref"):                                                 # policy and reference: bit-identical on both processes
+        p0, p1 = r2[0]["adapters"][adapter], r2[1]["adapters"][adapter]
+        assert p0.keys() == p1.keys() and len(p0) > 0
+        for k in p0: assert torch.equal(p0[k], p1[k]), (adapter, k)
+        # the same training as one process, to float rounding (a step on other noise or weights moves entries by ~lr = 3e-4)
+        for k in p0: assert torch.allclose(p0[k], r1["adapters"][adapter][k], rtol=0, atol=1e-5), (adapter, k)
+    for k in r2[0]["adapters"]["default"]:                                             # ref_update_every=1: the reference is the final policy
+        assert torch.equal(r2[0]["adapters"]["ref"][k], r2[0]["adapters"]["default"][k].to(r2[0]["adapters"]["ref"][k].dtype)), k
