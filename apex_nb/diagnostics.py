@@ -93,7 +93,7 @@ JACOBIAN_PATHS = ('loop', 'batched', 'torchjd')
 
 def _flat(grads, params, k: int) -> torch.Tensor:
     "Concatenate per-parameter K-batched gradients into K×P, zeros for unused parameters."
-    return torch.cat([(torch.zeros((k,) + p.shape, dtype=p.dtype) if g is None else g.expand((k,) + p.shape)).reshape(k, -1)
+    return torch.cat([(torch.zeros((k,) + p.shape, dtype=p.dtype, device=p.device) if g is None else g.expand((k,) + p.shape)).reshape(k, -1)
                       for g, p in zip(grads, params)], 1)
 
 def objective_jacobian(losses: torch.Tensor, params, path: str = 'loop', retain_graph: bool = False) -> torch.Tensor:

@@ -554,7 +554,7 @@ def _set_aggregated_grads(self: GRPOTrainer, J):
     "Combine the per-objective gradients (rows of J) with the torchjd aggregator into the parameters' .grad."
     agg = aggregate(self.aggregator, J, seed=_step_seed(self.cfg.seed, self.step, 3))
     # J holds unscaled gradients; under fp16 the optimiser step unscales .grad first, so scale them as a backward would (exact: 2^k)
-    scale = self.acc.scaler.get_scale() if self.acc.scaler is not None else 1.0
+    scale = self.acc.scaler.scale(torch.ones((), device=J.device)) if self.acc.scaler is not None else 1.0   # scale() also starts the scaler
     for p, g in zip(self.params, agg.vector.split([p.numel() for p in self.params])): p.grad = (g.view_as(p) * scale).to(p.device, p.dtype)
     return agg.display.float().cpu()                   # logged as this step's weights: the aggregator's per-objective pull
 

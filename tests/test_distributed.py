@@ -51,15 +51,19 @@ def run(cmd, out):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
 
 
-def test_two_processes_match_one(tmp_path):
-    script = tmp_path / "train.py"; script.write_text(SCRIPT)
+def one_and_two_processes(tmp_path, source: str, port: int):
+    "Run `source` as 1 process and with torchrun as 2; the result of the one, and of each of the two."
+    script = tmp_path / "train.py"; script.write_text(source)
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(); two.mkdir()
     run([sys.executable, str(script)], one)
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", str(script)], two)
-    r1 = torch.load(one / "result-0.pt", weights_only=False)
-    r2 = [torch.load(two / f"result-{i}.pt", weights_only=False) for i in (0, 1)]
+    run([torchrun, "--nproc_per_node", "2", "--master_port", str(port), str(script)], two)
+    return torch.load(one / "result-0.pt", weights_only=False), [torch.load(two / f"result-{i}.pt", weights_only=False) for i in (0, 1)]
+
+
+def test_two_processes_match_one(tmp_path):
+    r1, r2 = one_and_two_processes(tmp_path, SCRIPT, 29517)
     assert (r1["world"], r2[0]["world"]) == (1, 2)
     for step in range(2):
         b1, b2 = r1["batches"][step], r2[0]["batches"][step]
@@ -81,14 +85,7 @@ def test_two_processes_match_one(tmp_path):
 
 
 def test_dpo_two_processes(tmp_path):
-    script = tmp_path / "train_dpo.py"; script.write_text(DPO_SCRIPT)
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir(); two.mkdir()
-    run([sys.executable, str(script)], one)
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    run([torchrun, "--nproc_per_node", "2", "--master_port", "29518", str(script)], two)
-    r1 = torch.load(one / "result-0.pt", weights_only=False)
-    r2 = [torch.load(two / f"result-{i}.pt", weights_only=False) for i in (0, 1)]
+    r1, r2 = one_and_two_processes(tmp_path, DPO_SCRIPT, 29518)
     assert (r1["world"], r2[0]["world"], r2[1]["world"]) == (1, 2, 2)
     pairs = all_pairs(group_ids_for([4, 4]))                                       # tiny-random: 2 groups of 4, one per process
     counts = []
