@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 from .core import check_choice, parse_objectives, weight_vector, group_ids_for
-from .normalize import NORMALIZERS, get_normalizer, typical_group_std
+from .normalize import NORMALIZERS, get_normalizer, typical_group_std, signal_groups
 from .diagnostics import effective_shares, gradient_conflicts
 from .priorities import SCHEDULERS, AGGREGATORS, PromptBaseline, get_scheduler, aggregate
 from .rewards import REWARDS, get_reward, score_batch, load_prompts
@@ -477,7 +477,10 @@ def train_step(self: GRPOTrainer) -> dict:
     lo = self.acc.process_index * R_local.shape[0]
     A, C = bal['advantages'][lo:lo + R_local.shape[0]], bal['contributions'][lo:lo + R_local.shape[0]]
     t_balance = time.perf_counter()
-    upd = self.update(traj, A, C, conflicts=c.conflict_every > 0 and step % c.conflict_every == 0, sample_mask=ok[lo:lo + R_local.shape[0]])
+    signal = signal_groups(R, g)                      # groups with spread in some objective; the others carry no signal for any method
+    upd = self.update(traj, A, C, conflicts=c.conflict_every > 0 and step % c.conflict_every == 0,
+                      train_mask=(signal & ok)[lo:lo + R_local.shape[0]])
+    upd['zero_std_groups'] = float(1 - signal.float().mean())
     cos = upd.pop('cos'); t_update = time.perf_counter()
     if not rstats['skipped'].any():   # a skipped objective has no level this step: the weights hold
         self.scheduler.update(step, self.baseline.level(R, g, all_prompts), typical_group_std(R, g), cos)
@@ -497,14 +500,13 @@ def train_timesteps(self: GRPOTrainer) -> list[int]:
 
 # %% ../nbs/07_grpo.ipynb #e0960c58
 @patch
-def update(self: GRPOTrainer, traj, A, C, conflicts: bool, sample_mask=None) -> dict:
-    "PPO-clip + β·KL over the training timesteps (dropping zero-advantage groups and masked samples); one optimiser step."
+def update(self: GRPOTrainer, traj, A, C, conflicts: bool, train_mask=None) -> dict:
+    "PPO-clip + β·KL over the training timesteps on the samples of `train_mask` (default: all); one optimiser step."
     c, dev = self.cfg, self.acc.device
-    keep = (A.view(-1, c.group_size).abs().sum(1) > 0).repeat_interleave(c.group_size)   # groups with any signal
-    if sample_mask is not None: keep = keep & sample_mask                                 # samples with non-finite rewards
+    keep = torch.ones(len(A), dtype=torch.bool) if train_mask is None else train_mask   # samples of groups with signal, finite rewards
     idx = keep.nonzero().flatten()
     A, C = A.to(dev, torch.float32), C.to(dev, torch.float32)   # the balance step's results meet the model: the one move to its device
-    stats = dict(zero_std_groups=float(1 - keep.float().mean()), loss=0.0, pg_loss=0.0, kl=0.0, clip_frac=0.0, ratio_first=math.nan,
+    stats = dict(loss=0.0, pg_loss=0.0, kl=0.0, clip_frac=0.0, ratio_first=math.nan,
                  cos=None, conflict_rate=None, diag_seconds=0.0, diag_path=None, grad_norm=0.0, skipped_update=False)
     if len(idx) == 0: return stats                          # nothing to learn from this batch
     steps, chunks = self.train_timesteps(), idx.to(dev).split(micro_batches(c, len(idx)))

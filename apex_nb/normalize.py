@@ -16,15 +16,17 @@ __all__ = ['NORMALIZERS', 'COMBINES', 'group_mean', 'group_std', 'per_group', 'z
 
 # %% ../nbs/01_normalize.ipynb #5e4afc6c
 def group_mean(x: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    "Mean of `x` (N or N×K) over each sample's group, broadcast back to the samples."
+    "Mean of `x` (N or N×K) over each sample's group, broadcast back to the samples, in float64 (exact for equal values)."
+    x = torch.as_tensor(x).double()
     n_groups = int(group_ids.max()) + 1
-    counts = torch.bincount(group_ids, minlength=n_groups).to(x.dtype)
-    sums = torch.zeros((n_groups,) + x.shape[1:], dtype=x.dtype).index_add_(0, group_ids, x)
+    counts = torch.bincount(group_ids, minlength=n_groups).double()
+    sums = torch.zeros((n_groups,) + x.shape[1:], dtype=torch.float64, device=x.device).index_add_(0, group_ids.to(x.device), x)
     shape = (-1,) + (1,) * (x.ndim - 1)
-    return (sums / counts.view(shape))[group_ids]
+    return (sums / counts.to(x.device).view(shape))[group_ids.to(x.device)]
 
 def group_std(x: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    "Population standard deviation of `x` over each sample's group, broadcast back to the samples."
+    "Population standard deviation of `x` over each sample's group, broadcast back to the samples, in float64 (0 for equal values)."
+    x = torch.as_tensor(x).double()
     return group_mean((x - group_mean(x, group_ids)) ** 2, group_ids).sqrt()
 
 # %% ../nbs/01_normalize.ipynb #e04ebab3
@@ -34,9 +36,13 @@ def per_group(x: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     first = torch.full((n_groups,), x.shape[0], dtype=torch.long).scatter_reduce_(0, group_ids, torch.arange(x.shape[0]), 'amin')
     return x[first]
 
-def zero_std_ratio(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    "Per objective (column), the fraction of groups whose rewards have (numerically) zero spread."
-    return (per_group(group_std(rewards, group_ids), group_ids) <= eps).float().mean(0)
+def zero_std_ratio(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    "Per objective (column), the fraction of groups whose rewards are all equal (exactly zero spread)."
+    return (per_group(group_std(rewards, group_ids), group_ids) == 0).float().mean(0)
+
+def signal_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    "Per sample: does its group have any spread in any objective? Groups without carry no signal for any method."
+    return (group_std(rewards, group_ids) > 0).any(1)
 
 # %% ../nbs/01_normalize.ipynb #aa620e36
 NORMALIZERS = Registry('normalisation method')
@@ -57,8 +63,8 @@ def check_weights(weights, k: int) -> torch.Tensor:
     return w
 
 def check_rewards(rewards, group_ids) -> tuple[torch.Tensor, torch.Tensor]:
-    "Rewards as float32 N×K (finite) and validated group ids."
-    R = torch.as_tensor(rewards, dtype=torch.float32)
+    "Rewards as float64 N×K (finite; every float32/bf16 value exactly) and validated group ids."
+    R = torch.as_tensor(rewards).double()
     if R.ndim != 2: raise ValueError(f"rewards must be N×K (2-D), got shape {tuple(R.shape)}")
     if not torch.isfinite(R).all(): raise ValueError(f"rewards contain {int((~torch.isfinite(R)).sum())} non-finite values; mask them first")
     return R, check_group_ids(group_ids, R.shape[0])
@@ -67,7 +73,9 @@ class Normalizer:
     "Base class: validates inputs, calls `normalize`, stateless unless a subclass says otherwise."
     def __call__(self, rewards, group_ids, weights) -> NormOutput:
         R, g = check_rewards(rewards, group_ids)
-        out = self.normalize(R, g, check_weights(weights, R.shape[1]))
+        out = self.normalize(R, g, check_weights(weights, R.shape[1]).double())   # statistics in float64, results in float32
+        out.contributions = out.contributions.float()
+        out.advantages = out.contributions.sum(1)   # A = Σ_k C_k holds for the float32 numbers handed on, not only in float64
         out.stats.setdefault('zero_std_ratio', zero_std_ratio(R, g))
         return out
     def normalize(self, R, g, w) -> NormOutput: raise NotImplementedError
@@ -123,7 +131,7 @@ def typical_group_std(R: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     "Per objective, the mean within-group std over groups of ≥ 2 samples (0 when there is none)."
     sizes = torch.bincount(g)
     stds = per_group(group_std(R, g), g)[sizes >= 2]
-    return stds.mean(0) if len(stds) else torch.zeros(R.shape[1])
+    return stds.mean(0) if len(stds) else torch.zeros(R.shape[1], dtype=torch.float64)
 
 # %% ../nbs/01_normalize.ipynb #fb91e0f5
 def risk_budget_coefficients(cov: torch.Tensor, budgets: torch.Tensor, ridge: float = 1e-3, iters: int = 50, tol: float = 1e-10) -> torch.Tensor:
@@ -192,7 +200,7 @@ class ApexNorm(Normalizer):
         cov = self.covariance(zc)
         live = cov.diagonal() > 0
         budget = self.stage2 and self.combine == 'budget' and bool(live.any())
-        lam = risk_budget_coefficients(cov, w * live) if budget else w
+        lam = risk_budget_coefficients(cov, w * live).double() if budget else w
         scale = float((lam @ cov @ lam).clamp_min(0).sqrt()) + self.eps if self.stage2 else 1.0
         C = zc * lam / scale
         return NormOutput(C.sum(1), C, {'tau': tau, 'scale': torch.tensor(scale), 'coefficients': lam})
@@ -203,5 +211,5 @@ class ApexNorm(Normalizer):
     def load_state_dict(self, state: dict):
         missing = {'t', 'ema_cov', 'ema_sigma'} - set(state)
         if missing: raise ValueError(f"apex normaliser state lacks {sorted(missing)}")
-        tens = lambda x: None if x is None else torch.tensor(x, dtype=torch.float32)
+        tens = lambda x: None if x is None else torch.tensor(x, dtype=torch.float64)
         self.t, self.ema_cov, self.ema_sigma = int(state['t']), tens(state['ema_cov']), tens(state['ema_sigma'])
