@@ -127,6 +127,8 @@ def _check_ranges(c: GRPOConfig):
     check_fields(c, ints=('inner_epochs',), counts=('conflict_every', 'conflict_timesteps'),
                  ranges=[('clip_range', 0, 1), ('adv_clip', 0, 1e9), ('kl_beta', 0, 1e9), ('timestep_fraction', 0, 1)])
     if c.timestep_fraction == 0: raise ValueError("timestep_fraction must be > 0")
+    if c.noise_level <= 0:   # η = 0 is the ODE: every log-prob is 0, no policy gradient, and the KL divides by s_t² = 0
+        raise ValueError(f"noise_level must be > 0 for GRPO training (the SDE policy must be stochastic), got {c.noise_level}")
 
 def place_rewards(rewards: dict, device, reward_options: dict) -> dict:
     "Model-backed rewards (those with a `device` option) on the trainer's `device`, unless `reward_options` names another."
@@ -333,10 +335,7 @@ class TrainerCore:
 class GRPOTrainer(TrainerCore):
     "Multi-objective GRPO on an SD3 pipeline with LoRA: `train()` runs `cfg.steps` steps, resumable, logging to `cfg.out_dir`."
     desc = 'GRPO'
-    def validate(self, cfg: GRPOConfig) -> dict:
-        parsed = validate_config(cfg)
-        if cfg.noise_level <= 0: raise ValueError(f"noise_level must be > 0 for training (the policy must be stochastic), got {cfg.noise_level}")
-        return parsed
+    def validate(self, cfg: GRPOConfig) -> dict: return validate_config(cfg)
 
     def setup(self, parsed):
         cfg = self.cfg

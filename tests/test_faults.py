@@ -29,7 +29,7 @@ def no_model_loads(monkeypatch):
     (dict(steps="ten"), "steps must be an integer >= 1, got 'ten'"),
     (dict(resolution=60), "resolution must be a multiple of 8"),
     (dict(prompts=["a red circle", 'a sign that says "HI"']), "prompt 0 has none: 'a red circle'"),
-    (dict(noise_level=0.0), "noise_level must be > 0 for training"),
+    (dict(noise_level=0.0), "noise_level must be > 0 for GRPO training"),
 ])
 def test_bad_configuration_fails_before_any_model_loads(tmp_path, no_model_loads, bad, message):
     with pytest.raises(ValueError, match=None) as e:
