@@ -92,8 +92,8 @@ PRESETS = {
     # SD3.5-M with LoRA as Flow-GRPO trains it, in bf16 (SD3.5's own dtype; the VAE and trajectories in float32). The batch knobs
     # are set by the memory plan (benchmarks/sd35m_memory_plan.py, computed from these presets and the trainer's batching).
     'sd35m-1gpu': dict(_SD35M, group_size=8, groups_per_step=6, sample_batch_size=8, decode_batch_size=2, train_batch_size=2),     # 24 GB
-    'sd35m-1gpu-80gb': dict(_SD35M, group_size=8, groups_per_step=6, sample_batch_size=24, decode_batch_size=8, train_batch_size=8),
-    'sd35m-8gpu': dict(_SD35M, group_size=24, groups_per_step=48, sample_batch_size=24, decode_batch_size=8, train_batch_size=8),  # 80 GB each
+    'sd35m-1gpu-80gb': dict(_SD35M, group_size=8, groups_per_step=6, sample_batch_size=48, decode_batch_size=16, train_batch_size=16),
+    'sd35m-8gpu': dict(_SD35M, group_size=24, groups_per_step=48, sample_batch_size=72, decode_batch_size=16, train_batch_size=24),  # 80 GB each
 }
 
 # %% ../nbs/07_grpo.ipynb #149e9c7c

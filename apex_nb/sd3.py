@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_sd3.ipynb #b3a54bae
 from __future__ import annotations
-import math, os, shutil, tempfile
+import contextlib, math, os, shutil, tempfile
 from dataclasses import dataclass
 from pathlib import Path
 import torch
@@ -16,7 +16,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 __all__ = ['T5_CHARS', 'TINY_SIZE', 'TWINS', 'tiny_tokenizers', 'tiny_sd3_components', 'cache_dir', 'component_dtypes',
            'tiny_sd3_pipeline', 'sd35_twin_components', 'sd35_twin_pipeline', 'load_pipeline', 'SDEStep',
            'gaussian_noise', 'sde_noise_scale', 'sde_step', 'Trajectory', 'encode_prompts', 'predict_velocity',
-           'decode_latents', 'sample_with_logprob', 'cat_trajectories', 'step_log_prob']
+           'decode_latents', 'no_autocast', 'sample_with_logprob', 'cat_trajectories', 'step_log_prob']
 
 # %% ../nbs/06_sd3.ipynb #9241bb02
 T5_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;!?\"'-()/&"
@@ -226,7 +226,13 @@ def decode_latents(pipe, latents, batch_size: int | None = None) -> torch.Tensor
     "Latents → images in [0, 1] (N×3×H×W), as the pipeline decodes them, `batch_size` latents at a time (all when None)."
     x = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
     decode = lambda z: pipe.image_processor.postprocess(pipe.vae.decode(z, return_dict=False)[0], output_type='pt')
-    return torch.cat([decode(z) for z in x.split(batch_size or len(x))])
+    with no_autocast(x.device.type):   # in the VAE's own dtype, also inside a trainer's bf16 autocast
+        return torch.cat([decode(z) for z in x.split(batch_size or len(x))])
+
+def no_autocast(device_type: str):
+    "Autocast switched off on `device_type` (a no-op where autocast does not exist, as on `meta`)."
+    try: return torch.autocast(device_type, enabled=False)
+    except RuntimeError: return contextlib.nullcontext()
 
 # %% ../nbs/06_sd3.ipynb #9f271731
 def sample_with_logprob(pipe, prompts, num_steps: int = 10, guidance_scale: float = 4.5, noise_level: float = 0.7,
