@@ -10,9 +10,9 @@ import torch
 from .core import Registry, check_choice, check_group_ids
 
 # %% auto #0
-__all__ = ['NORMALIZERS', 'COMBINES', 'group_mean', 'group_std', 'per_group', 'zero_std_ratio', 'NormOutput', 'check_weights',
-           'check_rewards', 'Normalizer', 'get_normalizer', 'StaticNorm', 'MoGrpoNorm', 'GdpoNorm', 'ema_update',
-           'typical_group_std', 'risk_budget_coefficients', 'variance_shares', 'ApexNorm']
+__all__ = ['NORMALIZERS', 'COMBINES', 'group_mean', 'group_std', 'per_group', 'zero_std_ratio', 'signal_groups', 'NormOutput',
+           'check_weights', 'check_rewards', 'Normalizer', 'get_normalizer', 'StaticNorm', 'MoGrpoNorm', 'GdpoNorm',
+           'ema_update', 'typical_group_std', 'risk_budget_coefficients', 'variance_shares', 'ApexNorm']
 
 # %% ../nbs/01_normalize.ipynb #5e4afc6c
 def group_mean(x: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
