@@ -153,3 +153,14 @@ def test_grpo_step_on_pretend_gpu(tmp_path, scheduler, conflict_every, precision
         assert any(not torch.equal(b, p.detach().cpu()) for b, p in zip(before, tr.params))   # the optimiser stepped
         assert all(p.grad is None or is_pretend(p.grad) for p in tr.params)
         if conflict_every: assert rec['cos'] is not None and len(rec['cos']) == 3
+
+
+def test_model_rewards_follow_the_trainer_to_its_device(tmp_path):
+    "Rewards with a `device` option (CLIP-based) run on the trainer's device unless reward_options names another."
+    from apex_nb.grpo import GRPOTrainer, make_config
+    kw = dict(objectives='clipscore:1,colorfulness:1', steps=1, eval_every=0, save_every=0)
+    with pretend_cuda():
+        t = GRPOTrainer(make_config('tiny-random', device='cuda', **kw, out_dir=str(tmp_path / 'gpu')))
+        assert t.rewards['clipscore'].device == str(t.acc.device) == 'cuda'
+    t = GRPOTrainer(make_config('tiny-random', **kw, reward_options={'clipscore': {'device': 'meta'}}, out_dir=str(tmp_path / 'own')))
+    assert t.rewards['clipscore'].device == 'meta' and t.rewards['clipscore'].options['device'] == 'meta'
