@@ -13,15 +13,15 @@ from fastcore.basics import patch
 from .core import check_choice, parse_objectives, weight_vector, group_ids_for
 from .normalize import NORMALIZERS, get_normalizer, typical_group_std, signal_groups
 from .diagnostics import effective_shares, gradient_conflicts
-from .priorities import SCHEDULERS, AGGREGATORS, PromptBaseline, get_scheduler, aggregate
+from .priorities import SCHEDULERS, AGGREGATORS, PromptBaseline, get_scheduler, aggregate, check_options
 from .rewards import REWARDS, get_reward, score_batch, load_prompts
 from .sd3 import sample_with_logprob, step_log_prob, cat_trajectories
 
 # %% auto #0
 __all__ = ['LORA_TARGETS', 'PRESETS', 'MAX_NONFINITE_STEPS', 'RunConfig', 'GRPOConfig', 'check_fields', 'check_common_fields',
-           'place_rewards', 'make_rewards', 'parse_run', 'validate_config', 'build_config', 'make_config',
-           'split_sizes', 'local_samples', 'sampler_batches', 'decode_batches', 'micro_batches', 'RunDir',
-           'write_atomic', 'read_metrics', 'ppo_clip_loss', 'kl_to_reference', 'TrainerCore', 'GRPOTrainer',
+           'place_rewards', 'make_rewards', 'parse_run', 'validate_config', 'check_balance', 'build_config',
+           'make_config', 'split_sizes', 'local_samples', 'sampler_batches', 'decode_batches', 'micro_batches',
+           'RunDir', 'write_atomic', 'read_metrics', 'ppo_clip_loss', 'kl_to_reference', 'TrainerCore', 'GRPOTrainer',
            'RunStopped', 'clean_rewards', 'save_grid', 'overrides_from_params', 'config_from_params']
 
 # %% ../nbs/07_grpo.ipynb #4b544ab9
@@ -71,8 +71,10 @@ class GRPOConfig(RunConfig):
     "Every knob of a multi-objective GRPO run (defaults = the `tiny-random` preset): the shared ones and the RL ones."
     method: str = 'apex'                  # normalisation: static | mo_grpo | gdpo | apex
     method_options: dict = field(default_factory=dict)
-    scheduler: str = 'p3'                 # weights: static | dwa | rlw | p3, or a torchjd aggregator (upgrad, mgda, …)
+    scheduler: str = 'p3'                 # the objectives' weights from step to step: static | dwa | rlw | p3
     scheduler_options: dict = field(default_factory=dict)
+    aggregator: str = 'none'              # combine the K per-objective gradients with torchjd: none | upgrad | mgda | pcgrad | cagrad | …
+    aggregator_options: dict = field(default_factory=dict)   # passed to the torchjd aggregator, e.g. {'c': 0.4} for cagrad
     clip_range: float = 1e-4
     adv_clip: float = 5.0
     kl_beta: float = 0.04
@@ -159,8 +161,22 @@ def validate_config(c: GRPOConfig) -> dict:
     "Check a config without loading any model; returns the parsed objectives, weights and prompts."
     _check_ranges(c)
     check_choice('normalisation method', c.method, NORMALIZERS.names())
-    check_choice('scheduler', c.scheduler, SCHEDULERS.names() + AGGREGATORS.names())
-    return parse_run(c)
+    parsed = parse_run(c)
+    check_balance(c.scheduler, c.scheduler_options, c.aggregator, c.aggregator_options, parsed['weights'])
+    return parsed
+
+def check_balance(scheduler: str, scheduler_options: dict, aggregator: str, aggregator_options: dict, weights):
+    "A scheduler and an aggregator (or 'none') by name, each with options its class knows; an aggregator given as scheduler is named."
+    if scheduler in AGGREGATORS.names():
+        raise ValueError(f"scheduler {scheduler!r} is a gradient aggregator: pass aggregator={scheduler!r} (its options in "
+                         f"aggregator_options) and a scheduler from {', '.join(SCHEDULERS.names())}")
+    check_choice('scheduler', scheduler, SCHEDULERS.names())
+    for n, v in (('scheduler_options', scheduler_options), ('aggregator_options', aggregator_options)):
+        if not isinstance(v, dict): raise ValueError(f"{n} must be a dict of options, got {v!r}")
+    get_scheduler(scheduler, weights, **scheduler_options)      # unknown or bad options fail here, before any model loads
+    check_choice('aggregator', aggregator, ('none',) + tuple(AGGREGATORS.names()))
+    if aggregator != 'none': check_options(f"aggregator {aggregator!r}", aggregator_options, AGGREGATORS.get(aggregator)[1])
+    elif aggregator_options: raise ValueError(f"aggregator_options {aggregator_options!r} given without an aggregator (aggregator='none')")
 
 def build_config(cls, presets: dict, preset: str, validate, **overrides):
     "A `cls` config from `presets[preset]`, then `overrides` (unknown names are refused with the valid ones), checked by `validate`."
@@ -340,8 +356,8 @@ class GRPOTrainer(TrainerCore):
     def setup(self, parsed):
         cfg = self.cfg
         self.normalizer = get_normalizer(cfg.method, **cfg.method_options)
-        self.aggregator = cfg.scheduler if cfg.scheduler in AGGREGATORS else None
-        self.scheduler = get_scheduler('static' if self.aggregator else cfg.scheduler, parsed['weights'], **cfg.scheduler_options)
+        self.aggregator = None if cfg.aggregator == 'none' else cfg.aggregator
+        self.scheduler = get_scheduler(cfg.scheduler, parsed['weights'], **cfg.scheduler_options)
         self.baseline = PromptBaseline()
 
     def extra_state(self) -> dict:
@@ -553,20 +569,20 @@ def _accumulate(self: GRPOTrainer, traj, A, C, j, chunk, n_total, n_terms, stats
 @patch
 def _set_aggregated_grads(self: GRPOTrainer, J):
     "Combine the per-objective gradients (rows of J) with the torchjd aggregator into the parameters' .grad."
-    agg = aggregate(self.aggregator, J, seed=_step_seed(self.cfg.seed, self.step, 3))
+    agg = aggregate(self.aggregator, J, seed=_step_seed(self.cfg.seed, self.step, 3), **self.cfg.aggregator_options)
     # J holds unscaled gradients; under fp16 the optimiser step unscales .grad first, so scale them as a backward would (exact: 2^k)
     scale = self.acc.scaler.scale(torch.ones((), device=J.device)) if self.acc.scaler is not None else 1.0   # scale() also starts the scaler
     for p, g in zip(self.params, agg.vector.split([p.numel() for p in self.params])): p.grad = (g.view_as(p) * scale).to(p.device, p.dtype)
-    return agg.display.float().cpu()                   # logged as this step's weights: the aggregator's per-objective pull
+    return agg.display.float().cpu()                   # logged as agg_weight/<objective>: the aggregator's per-objective pull
 
 # %% ../nbs/07_grpo.ipynb #f76d71ae
 @patch
 def _record(self: GRPOTrainer, step, R, bal, upd, cos, times, rstats=None) -> dict:
     "The step's metrics line: per-objective rewards, shares, weights, P³ terms, conflicts, losses and timings."
-    weights = upd.pop('agg_weights', bal['weights'])
+    agg = upd.pop('agg_weights', None)
     rec = dict(step=step, time=time.time(), n_samples=int(R.shape[0]), masked_samples=0 if rstats is None else rstats['masked_samples'])
     per = dict(raw_mean=R.mean(0) * self.signs, raw_std=R.std(0, unbiased=False), contrib_std=bal['contributions'].std(0, unbiased=False),
-               share=bal['shares'], weight=weights, next_weight=self.scheduler.weights,
+               share=bal['shares'], weight=bal['weights'], next_weight=self.scheduler.weights, **({} if agg is None else dict(agg_weight=agg)),
                zero_std=bal['stats']['zero_std_ratio'], **{t: v for t, v in self.scheduler.terms.items()},
                **({} if rstats is None else dict(nonfinite=rstats['nonfinite'], skipped=rstats['skipped'])))
     for key, vec in per.items():

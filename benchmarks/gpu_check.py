@@ -72,7 +72,7 @@ def twin_cases(device: str, steps: int) -> list[Case]:
     grpo = dict(base, conflict_every=1)
     return [Case('GRPO sd35m-twin', 'grpo', 'tiny-random', dict(grpo, model='sd35m-twin')),
             Case('GRPO sd35l-twin', 'grpo', 'tiny-random', dict(grpo, model='sd35l-twin')),
-            Case('GRPO upgrad sd35m-twin', 'grpo', 'tiny-random', dict(grpo, model='sd35m-twin', scheduler='upgrad')),
+            Case('GRPO upgrad sd35m-twin', 'grpo', 'tiny-random', dict(grpo, model='sd35m-twin', aggregator='upgrad')),
             # score_sum labels every pair that is not an exact tie: the small groups always train (majority of two scorers may not)
             Case('DPO sd35m-twin', 'dpo', 'tiny-random', dict(base, model='sd35m-twin', labeler='score_sum'))]
 

@@ -8,10 +8,10 @@
   collect      `cat_trajectories`: the step's trajectory twice (the calls' parts and their concatenation)
   scoring      the images turned to uint8 for the rewards, and the reward models' forward passes (model rewards on this GPU)
   training     one micro-batch (`micro_batches`) at one timestep: policy forward (gradient checkpointing) + the no-grad reference
-               forward with LoRA disabled (when kl_beta > 0) + backward (or the K-row Jacobian with an aggregator scheduler)
+               forward with LoRA disabled (when kl_beta > 0) + backward (or the K-row Jacobian with an aggregator)
   conflicts    the same micro-batch with the gradient-conflict diagnostic (every `conflict_every` steps): K backward passes
                through the retained graph first, the K×P Jacobian (and its float64 copy in `conflict_stats`)
-  aggregate    an aggregator scheduler combining the K×P Jacobian into the LoRA's gradients
+  aggregate    an aggregator combining the K×P Jacobian into the LoRA's gradients
   optimizer    clipping and the AdamW step
   eval         an evaluation sampler call (`eval_sample_steps`, no step trajectories resident)
 
@@ -738,7 +738,6 @@ def plan_details(cfg, num_processes: int = 1, phases: tuple | None = None) -> di
     """The plan with its terms: {'phases': {phase: {'total': bytes, 'terms': {term: bytes}}}, 'resident': {...}, 'batches':
     {...}, 'traces': {...}}. `phases` limits the work to some phases (tracing is the slow part)."""
     from apex_nb.grpo import GRPOConfig, decode_batches, local_samples, micro_batches, sampler_batches, split_sizes, validate_config
-    from apex_nb.priorities import AGGREGATORS
     if not isinstance(cfg, GRPOConfig): raise TypeError(f"the memory plan covers GRPO configs (GRPOConfig), not {type(cfg).__name__}")
     parsed = validate_config(cfg)
     kind, key = model_kind(cfg.model), _pipe_key(cfg)
@@ -747,7 +746,7 @@ def plan_details(cfg, num_processes: int = 1, phases: tuple | None = None) -> di
     dtype, vae_dtype, ac = getattr(torch, cfg.dtype), getattr(torch, cfg.vae_dtype), _autocast_dtype(cfg)
     k = len(parsed['objectives'])
     P = lora_numel(kind, cfg.lora_rank, cfg.lora_alpha, key[5])
-    aggregator = cfg.scheduler in AGGREGATORS.names()
+    aggregator = cfg.aggregator != 'none'
 
     # resident: weights, LoRA state, reward models, workspaces
     resident = {'transformer': weight_bytes(comps['transformer'], dtype),

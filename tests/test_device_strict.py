@@ -140,7 +140,8 @@ PRECISION = {'fp32': {}, 'bf16': dict(dtype='bfloat16', mixed_precision='bf16'),
 def test_grpo_step_on_pretend_gpu(tmp_path, scheduler, conflict_every, precision):
     from apex_nb.grpo import GRPOTrainer, make_config
     with pretend_cuda():
-        cfg = make_config('tiny-random', device='cuda', scheduler=scheduler, conflict_every=conflict_every, out_dir=str(tmp_path / 'run'),
+        balance = dict(aggregator=scheduler) if scheduler == 'upgrad' else dict(scheduler=scheduler)
+        cfg = make_config('tiny-random', device='cuda', **balance, conflict_every=conflict_every, out_dir=str(tmp_path / 'run'),
                           **STEP, **PRECISION[precision])
         tr = GRPOTrainer(cfg)
         assert torch.device(tr.acc.device).type == 'cuda' and torch.zeros(1).to(tr.acc.device).device == torch.device('cuda', 0)

@@ -21,7 +21,7 @@ def no_model_loads(monkeypatch):
 @pytest.mark.parametrize("bad, message", [
     (dict(objectives="ocr,pickscor"), "unknown objective 'pickscor'; valid choices:"),
     (dict(method="apx"), "unknown normalisation method 'apx'; valid choices: static, mo_grpo, gdpo, apex"),
-    (dict(scheduler="p4"), "unknown scheduler 'p4'; valid choices: static, dwa, rlw, p3, upgrad"),
+    (dict(scheduler="p4"), "unknown scheduler 'p4'; valid choices: static, dwa, rlw, p3"),
     (dict(objectives="ocr:-1,brisque:1"), "weight of objective 'ocr' must be finite and >= 0, got -1.0"),
     (dict(objectives="ocr:0,brisque:0"), "objective weights sum to 0"),
     (dict(group_size=1), "group_size must be an integer >= 2, got 1"),

@@ -90,8 +90,8 @@ def test_training_follows_train_batch_size_kl_and_aggregator(mp, cfg):
     assert "K×P Jacobian (fp32)" not in t["terms"]
     big = mp.plan_details(cfg("sd35m-1gpu", train_batch_size=4, conflict_every=0), phases=only)["phases"]["training"]
     assert big["total"] > t["total"] and big["segments"]["backward"] > 1.5 * t["segments"]["backward"]
-    # no KL: no reference pass; an aggregator scheduler (upgrad): the K×P float32 Jacobian on the device, rows through its backward
-    d = mp.plan_details(cfg("sd35m-1gpu", kl_beta=0.0, scheduler="upgrad", conflict_every=0), phases=only)
+    # no KL: no reference pass; an aggregator (upgrad): the K×P float32 Jacobian on the device, rows through its backward
+    d = mp.plan_details(cfg("sd35m-1gpu", kl_beta=0.0, aggregator="upgrad", conflict_every=0), phases=only)
     K, P, agg = d["batches"]["objectives"], d["batches"]["lora_params"], d["phases"]["training"]
     assert agg["segments"]["reference"] == 0 and agg["segments"]["jacobian"] > 0
     assert agg["terms"]["K×P Jacobian (fp32)"] == K * P * 4 == 4 * 18_776_064 * 4

@@ -50,10 +50,10 @@ def test_grpo_on_twin(twin, tmp_path):
 
 
 def test_grpo_aggregator_on_twin(tmp_path):
-    t = GRPOTrainer(make_config('tiny-random', model='sd35m-twin', **TWIN, scheduler='upgrad', out_dir=str(tmp_path / 'agg')))
+    t = GRPOTrainer(make_config('tiny-random', model='sd35m-twin', **TWIN, aggregator='upgrad', out_dir=str(tmp_path / 'agg')))
     r = t.train_step()
     assert math.isfinite(r['grad_norm']) and r['grad_norm'] > 0 and not r['skipped_update']
-    assert abs(sum(r[f'weight/{n}'] for n in t.names) - 1) < 1e-5
+    assert abs(sum(r[f'agg_weight/{n}'] for n in t.names) - 1) < 1e-5
 
 
 @pytest.mark.parametrize('twin', TWINS)
