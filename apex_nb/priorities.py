@@ -63,20 +63,23 @@ def learning_potential(ema_delta, w, eps: float = 0.05) -> torch.Tensor:
     return torch.as_tensor(ema_delta, dtype=torch.float32) / (torch.as_tensor(w, dtype=torch.float32) + eps)
 
 def progress_need(p) -> torch.Tensor:
-    "PN_k = mean_j p_j − p_k: positive when objective k lags the others."
+    "PN_k = mean_j p_j − p_k, in start spreads (raw, not standardised): positive when objective k lags the others."
     p = torch.as_tensor(p, dtype=torch.float32)
     return p.mean() - p
 
 # %% ../nbs/03_priorities.ipynb #db5e3321
-def conflict_penalty(cos, k: int) -> torch.Tensor:
-    "CP_k = mean over j≠k of max(0, −cos(g_k, g_j)); zeros when `cos` is None or K = 1."
+def conflict_penalty(cos, k: int, PN=None, scale: float = 1.0) -> torch.Tensor:
+    "CP_k = c_k·tanh(max(0, −PN_k)/scale), c_k = mean over j≠k of max(0, −cos(g_k, g_j)): conflict charged to leaders; c_k alone when `PN` is None; zeros when `cos` is None or K = 1."
     if cos is None: return torch.zeros(k)
     c = torch.as_tensor(cos, dtype=torch.float32)
     if c.shape != (k, k): raise ValueError(f"cos must be a {k}×{k} matrix, got shape {tuple(c.shape)}")
     if not torch.isfinite(c).all(): raise ValueError(f"cos must be finite, got {c.tolist()}")
     if k == 1: return torch.zeros(1)
     off_diagonal = ~torch.eye(k, dtype=torch.bool)
-    return ((-c).clamp_min(0) * off_diagonal).sum(1) / (k - 1)
+    conflict = ((-c).clamp_min(0) * off_diagonal).sum(1) / (k - 1)
+    if PN is None: return conflict
+    lead = (-torch.as_tensor(PN, dtype=torch.float32)).clamp_min(0)  # how far k is ahead of the mean, in spreads
+    return conflict * torch.tanh(lead / scale)
 
 # %% ../nbs/03_priorities.ipynb #5138b606
 def zscore_across(x, rel_eps: float = 1e-6) -> torch.Tensor:
@@ -88,24 +91,25 @@ def zscore_across(x, rel_eps: float = 1e-6) -> torch.Tensor:
     return (x - x.mean()) / sd
 
 # %% ../nbs/03_priorities.ipynb #7b677fbd
-def priorities(LP, PN, CP, alpha: float = 0.5, gamma: float = 1.0, beta: float = 0.5) -> torch.Tensor:
-    "π = α·ẑ(LP) + γ·ẑ(PN) − β·ẑ(CP)."
-    return alpha * zscore_across(LP) + gamma * zscore_across(PN) - beta * zscore_across(CP)
+def priorities(LP, PN, CP, alpha: float = 0.5, gamma: float = 1.0, beta: float = 0.5, scale: float = 1.0) -> torch.Tensor:
+    "π = α·ẑ(LP) + γ·tanh(PN/scale) − β·CP (PN in start spreads, CP in [0, 1)): |π| ≤ α√(K−1) + γ + β."
+    PN, CP = torch.as_tensor(PN, dtype=torch.float32), torch.as_tensor(CP, dtype=torch.float32)
+    return alpha * zscore_across(LP) + gamma * torch.tanh(PN / scale) - beta * CP
 
 def priority_weights(pi, temperature: float = 1.0, rho: float = 0.1) -> torch.Tensor:
-    "Weights (1−ρ)·softmax(π/T) + ρ/K: on the simplex, every weight ≥ ρ/K."
+    "Weights (1−ρ)·softmax(π/T) + ρ/K: on the simplex, every weight ≥ ρ/K (the scheduler floors after its EMA instead)."
     pi = torch.as_tensor(pi, dtype=torch.float32)
     return (1 - rho) * torch.softmax(pi / temperature, 0) + rho / pi.numel()
 
 # %% ../nbs/03_priorities.ipynb #c454eca9
 def p3_terms(mu, mu0, sigma0, ema_delta, w, cos=None, target=None, alpha=0.5, gamma=1.0, beta=0.5,
-             lp_eps=0.05) -> dict[str, torch.Tensor]:
+             lp_eps=0.05, scale=1.0) -> dict[str, torch.Tensor]:
     "The P³ terms {p, LP, PN, CP, pi} per objective (`ema_delta` is the EMA of raw Δμ; σ(0) normalises it here)."
     p = progress(mu, mu0, sigma0, target)
     LP = learning_potential(ema_delta / sigma0, w, lp_eps)
     PN = progress_need(p)
-    CP = conflict_penalty(cos, len(p))
-    return dict(p=p, LP=LP, PN=PN, CP=CP, pi=priorities(LP, PN, CP, alpha, gamma, beta))
+    CP = conflict_penalty(cos, len(p), PN, scale)
+    return dict(p=p, LP=LP, PN=PN, CP=CP, pi=priorities(LP, PN, CP, alpha, gamma, beta, scale))
 
 # %% ../nbs/03_priorities.ipynb #e73ec807
 class PromptBaseline:
@@ -122,7 +126,7 @@ class PromptBaseline:
             else: self.base[key] = m
         return torch.stack(diffs).mean(0) if diffs else torch.zeros(R.shape[1])
     def state_dict(self) -> dict: return {'base': {k: v.tolist() for k, v in self.base.items()}}
-    def load_state_dict(self, state: dict): self.base = {k: torch.tensor(v) for k, v in state['base'].items()}
+    def load_state_dict(self, state: dict): self.base = {k: torch.tensor(v, dtype=torch.float64) for k, v in state['base'].items()}   # as kept: float64 group means
 
 # %% ../nbs/03_priorities.ipynb #e233946e
 def check_init_weights(init_weights) -> torch.Tensor:
@@ -281,17 +285,17 @@ class RLWScheduler(Scheduler):
 # %% ../nbs/03_priorities.ipynb #bd7351b1
 @SCHEDULERS.register('p3')
 class P3Scheduler(_StartTracked):
-    "P³: priorities from learning potential, progress need and conflict penalty → softmax weights, EMA-smoothed."
+    "P³: priorities from learning potential, progress need and conflict penalty → EMA of softmax weights, floored at ρ/K."
     name = 'p3'
-    defaults = dict(alpha=0.5, gamma=1.0, beta=0.5, temperature=1.0, rho=0.1, momentum=0.8, warmup=3,
+    defaults = dict(alpha=0.5, gamma=1.0, beta=0.5, gap_scale=1.0, temperature=1.0, rho=0.1, momentum=0.8, warmup=3,
                     update_every=1, lp_decay=0.9, lp_eps=0.05, sigma_floor=1e-3, target=None)
-    _state_keys = _StartTracked._state_keys + ('ema_delta',)
+    _state_keys = _StartTracked._state_keys + ('ema_delta', 'u')
     def __init__(self, init_weights, **options):
         super().__init__(init_weights, **options)
-        self.ema_delta = None
+        self.ema_delta, self.u = None, self.init_weights.clone()  # u: the smoothed softmax, before the floor
     def _check_values(self, o):
         for key in ('alpha', 'gamma', 'beta'): o[key] = _check_number(key, o[key], 0)
-        for key in ('temperature', 'lp_eps'): o[key] = _check_number(key, o[key], 0, lo_open=True)
+        for key in ('temperature', 'lp_eps', 'gap_scale'): o[key] = _check_number(key, o[key], 0, lo_open=True)
         o['rho'] = _check_number('rho', o['rho'], 0, 1)
         for key in ('momentum', 'lp_decay'): o[key] = _check_number(key, o[key], 0, 1, hi_open=True)
         o['update_every'] = _check_number('update_every', o['update_every'], 1, integer=True)
@@ -302,9 +306,10 @@ class P3Scheduler(_StartTracked):
         self.prev_mu = mu
         if not self._track(mu, s) or (self.n - o['warmup']) % o['update_every']: return self.w
         self.terms = p3_terms(mu, self.mu0, self.sigma0, self.ema_delta, self.w, cos, o['target'],
-                              o['alpha'], o['gamma'], o['beta'], o['lp_eps'])
-        target_w = priority_weights(self.terms['pi'], o['temperature'], o['rho'])
-        return ema(self.w, target_w, o['momentum'])
+                              o['alpha'], o['gamma'], o['beta'], o['lp_eps'], o['gap_scale'])
+        u = ema(self.u, torch.softmax(self.terms['pi'] / o['temperature'], 0), o['momentum'])
+        self.u = u / u.sum()
+        return o['rho'] / self.k + (1 - o['rho']) * self.u  # the floor after the EMA: ≥ ρ/K at every update
 
 # %% ../nbs/03_priorities.ipynb #f2c806ed
 AGGREGATORS = Registry('aggregator')
