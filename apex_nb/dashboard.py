@@ -12,8 +12,8 @@ from .grpo import read_metrics
 from .lab import hypervolume_of_gains, HV_REFERENCE
 
 # %% auto #0
-__all__ = ['PANELS', 'split_records', 'objective_names', 'start_spread', 'gains', 'panel_data', 'Dashboard', 'run_label',
-           'final_gains', 'compare']
+__all__ = ['PANELS', 'split_records', 'objective_names', 'gains', 'panel_data', 'Dashboard', 'run_label', 'final_gains',
+           'compare']
 
 # %% ../nbs/08_dashboard.ipynb #99e57840
 def split_records(records: list[dict]) -> tuple[pd.DataFrame, list[dict]]:
@@ -25,26 +25,23 @@ def objective_names(df: pd.DataFrame) -> list[str]:
     "The objectives of a run, in order, from its `weight/<name>` columns."
     return [c.split('/', 1)[1] for c in df.columns if c.startswith('weight/')]
 
-def start_spread(df: pd.DataFrame, names, k: int = 3) -> dict:
-    "Each objective's start spread: its mean within-batch reward std over the first `k` steps (floored at 1e-8)."
-    return {n: max(float(df[f'raw_std/{n}'].iloc[:k].mean()), 1e-8) for n in names}
-
-def gains(df: pd.DataFrame, names, k: int = 3) -> pd.DataFrame:
-    "Per step and objective, the raw mean's change since the first `k` steps, in start-spread units."
-    sp = start_spread(df, names, k)
-    return pd.DataFrame({n: (df[f'raw_mean/{n}'] - df[f'raw_mean/{n}'].iloc[:k].mean()) / sp[n] for n in names}).set_index(df.step)
+def gains(df: pd.DataFrame, names) -> pd.DataFrame:
+    "Per step and objective, the run's logged gain in start-spread units (`gain/<name>`, see `12_balance`; NaN during its warm-up)."
+    missing = [n for n in names if f'gain/{n}' not in df]
+    if missing: raise ValueError(f"the run logs no gains for {missing} (no gain/<name> columns: it predates them); train it again to compare it")
+    return pd.DataFrame({n: df[f'gain/{n}'].astype(float).values for n in names}, index=df.step.values)
 
 # %% ../nbs/08_dashboard.ipynb #f006fae9
 def panel_data(df: pd.DataFrame) -> dict:
     "What each dashboard panel plots: {panel: [trace dicts with name, x, y (and dash)]}, heatmaps as arrays."
     names, x = objective_names(df), df.step.values
     line = lambda n, col, **kw: dict(name=n, x=x, y=df[col].values, **kw)
-    g = gains(df, names) if len(df) else None
+    g = gains(df, names) if len(df) and all(f'gain/{n}' in df for n in names) else None   # runs from before gains were logged: no gain panel
     return {
         'weights': [line(n, f'weight/{n}') for n in names],
         'share_vs_weight': [t for n in names for t in (line(n, f'share/{n}'), line(f'{n} weight', f'weight/{n}', dash='dash', group=n))],
         'raw_rewards': [line(n, f'raw_mean/{n}') for n in names],
-        'normalised_rewards': [dict(name=n, x=x, y=g[n].values) for n in names],
+        'normalised_rewards': [dict(name=n, x=x, y=g[n].values) for n in names] if g is not None else [],
         'priority': [line(f'{n} π', f'pi/{n}') for n in names if f'pi/{n}' in df],
         'losses': [line(c, c) for c in ('loss', 'kl', 'clip_frac') if c in df],
         'cos': dict(names=names, steps=[int(s) for s, c in zip(x, df['cos']) if c is not None],
@@ -167,9 +164,9 @@ def run_label(run_dir) -> str:
     return f"{Path(run_dir).name}: {kind}"
 
 def final_gains(df: pd.DataFrame, k: int = 3) -> dict:
-    "Each objective's mean gain over the last `k` steps, in start-spread units."
-    g = gains(df, objective_names(df), k)
-    return g.iloc[-k:].mean().to_dict()
+    "Each objective's mean gain over the last `k` steps that have one, in start-spread units (NaN while the start is being measured)."
+    g = gains(df, objective_names(df)).dropna()
+    return g.iloc[-k:].mean().to_dict() if len(g) else {n: math.nan for n in g.columns}
 
 def compare(run_dirs) -> tuple[pd.DataFrame, object]:
     "Final gains, balance and hypervolume per run (a table), and the profile figure."
@@ -179,6 +176,7 @@ def compare(run_dirs) -> tuple[pd.DataFrame, object]:
         df, _ = split_records(read_metrics(d))
         if df.empty: raise ValueError(f"{d} has no training steps in its metrics.jsonl")
         fg = final_gains(df)
+        if any(math.isnan(v) for v in fg.values()): raise ValueError(f"{d} has no gains yet: its steps are all inside the gain warm-up (12_balance); train it longer")
         rows[run_label(d)] = {**{f'gain/{n}': v for n, v in fg.items()}, 'balance': min(fg.values()), 'hypervolume': hypervolume_of_gains(list(fg.values()))}
     table = pd.DataFrame(rows).T
     fig = go.Figure(layout=dict(title=f'final gains per objective (hypervolume reference {HV_REFERENCE})', yaxis_title='gain (start-spread units)', width=700, height=360))

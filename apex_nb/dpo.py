@@ -16,6 +16,8 @@ from .core import Registry, check_choice, group_ids_for
 from .grpo import (LORA_TARGETS, PRESETS, RunConfig, TrainerCore, clean_rewards, RunDir, build_config, check_fields, check_common_fields, parse_run, micro_batches,
                           overrides_from_params, read_metrics, _step_seed)
 from .sd3 import encode_prompts
+from .balance import Balance, orient
+from .priorities import SCHEDULERS
 
 # %% auto #0
 __all__ = ['TIE_RULES', 'LABELERS', 'REFERENCES', 'PAIRINGS', 'DPO_PRESETS', 'pair_votes', 'break_ties', 'consensus_label',
@@ -24,7 +26,8 @@ __all__ = ['TIE_RULES', 'LABELERS', 'REFERENCES', 'PAIRINGS', 'DPO_PRESETS', 'pa
            'agreement_matrix', 'tie_share', 'override_share', 'consensus_share', 'DPOLoss', 'flow_dpo_loss',
            'shifted_sigmas', 'flow_noised', 'flow_velocity', 'adapter_params', 'copy_adapter', 'add_reference_adapter',
            'reference_model', 'load_preference_file', 'load_images', 'encode_images', 'DPOConfig',
-           'scorer_weight_vector', 'validate_dpo_config', 'make_dpo_config', 'dpo_config_from_params', 'DPOTrainer']
+           'scorer_weight_vector', 'dpo_balance', 'validate_dpo_config', 'make_dpo_config', 'dpo_config_from_params',
+           'DPOTrainer']
 
 # %% ../nbs/09_dpo.ipynb #8fb0668a
 def pair_votes(scores_a, scores_b) -> torch.Tensor:
@@ -286,6 +289,8 @@ class DPOConfig(RunConfig):
     scorer: str | None = None             # the scorer of labeler 'single' (or write 'single:<name>')
     tie_rule: str = 'drop'                # drop | first_scorer | random
     scorer_weights: object = None         # None: the objectives' weights
+    scheduler: str = 'static'             # the scorers' voting weights from step to step: static | dwa | rlw | p3 (online pairs only)
+    scheduler_options: dict = field(default_factory=dict)
     pairs: str = 'best_vs_worst'          # best_vs_worst | all
     beta: float = 100.0
     reference: str = 'ref'                # 'ref': a second adapter (copy of the policy); 'base': adapters disabled
@@ -310,6 +315,12 @@ def scorer_weight_vector(c: DPOConfig, objectives) -> torch.Tensor:
         if len(w) != len(names): raise ValueError(f"scorer_weights has {len(w)} entries for {len(names)} objectives {names}")
     return _weights(w, len(names))
 
+def dpo_balance(c: DPOConfig, scorer_weights, signs=None) -> Balance:
+    "The balance of a DPO run: the scorers' voting weights (its scheduler) and the orientation of `min` objectives; no advantages."
+    check_choice('scheduler', c.scheduler, SCHEDULERS.names())   # DPO sums one loss: no gradient aggregator
+    return Balance(scorer_weights, method='static', scheduler=c.scheduler, scheduler_options=c.scheduler_options, adv_clip=None,
+                   signs=signs, conflict_every=0)
+
 def validate_dpo_config(c: DPOConfig) -> dict:
     "Check a DPO config without loading any model; returns the parsed objectives, scorer weights, prompts and offline pairs."
     if c.ref_update_every is None: c.ref_update_every = 0      # None = never, like 0
@@ -325,6 +336,9 @@ def validate_dpo_config(c: DPOConfig) -> dict:
     names = [o.name for o in parsed['objectives']]
     parse_labeler(c.labeler, names, c.scorer)
     parsed['scorer_weights'] = scorer_weight_vector(c, parsed['objectives'])
+    dpo_balance(c, parsed['scorer_weights'])      # scheduler name and options, refused now with the valid ones
+    if c.offline_pairs and c.scheduler != 'static':
+        raise ValueError(f"scheduler {c.scheduler!r} adapts the weights from the policy's own samples, and offline_pairs has none: use scheduler='static'")
     parsed['offline'] = load_preference_file(c.offline_pairs) if c.offline_pairs else None
     if parsed['offline']:
         for reward in parsed['rewards'].values(): reward.check_prompts([rec['prompt'] for rec in parsed['offline']])
@@ -345,8 +359,8 @@ class DPOTrainer(TrainerCore):
     def validate(self, cfg: DPOConfig) -> dict: return validate_dpo_config(cfg)
 
     def setup(self, parsed):
-        self.scorer_weights, self.offline = parsed['scorer_weights'], parsed['offline']
-        self._offline_cache = None
+        self.balance = dpo_balance(self.cfg, parsed['scorer_weights'], self.signs)   # voting weights (scheduled), orientation, state
+        self.offline, self._offline_cache = parsed['offline'], None
 
     def _add_lora(self) -> list:
         params = super()._add_lora()
@@ -354,17 +368,18 @@ class DPOTrainer(TrainerCore):
         return params
 
     def extra_state(self) -> dict:
-        return dict(ref={n: p.detach().clone() for n, p in adapter_params(self.pipe.transformer, 'ref').items()})
+        return dict(ref={n: p.detach().clone() for n, p in adapter_params(self.pipe.transformer, 'ref').items()}, balance=self.balance.state_dict())
     def load_extra_state(self, st):
         with torch.no_grad():
             for n, p in adapter_params(self.pipe.transformer, 'ref').items(): p.copy_(st['ref'][n])
+        if 'balance' in st: self.balance.load_state_dict(st['balance'])   # checkpoints of static-weight runs before the balance object have none
     def postfix(self, rec): return dict(loss=round(rec['loss'], 4), acc=round(rec['implicit_acc'], 2), pairs=rec['pairs'])
 
     def label(self, R, group_ids, step: int) -> Labels:
-        "Labels of every within-group pair of the (gathered) scores, by the configured labeler and tie rule."
+        "Labels of every within-group pair of the (gathered, raw) scores, oriented, by the configured labeler, this step's weights and tie rule."
         g = torch.Generator().manual_seed(_step_seed(self.cfg.seed, step, 6))           # the same draw on every process
-        return label_pairs(R, all_pairs(group_ids), self.cfg.labeler, self.scorer_weights, self.cfg.tie_rule, g,
-                           self.cfg.scorer, self.names)
+        return label_pairs(orient(R, self.balance.signs).float(), all_pairs(group_ids), self.cfg.labeler, self.balance.weights,
+                           self.cfg.tie_rule, g, self.cfg.scorer, self.names)
 
 # %% ../nbs/09_dpo.ipynb #c862367a
 @patch
@@ -374,7 +389,7 @@ def online_pairs(self: DPOTrainer, step: int) -> dict:
     prompts = self.step_prompts(step)
     traj, expanded = self.sample(prompts, step); t1 = time.perf_counter()
     R_local = self.score(traj.images, expanded, step); t2 = time.perf_counter()
-    R, _ = self._gather(R_local, prompts)
+    R, all_prompts = self._gather(R_local, prompts)
     gid = group_ids_for([c.group_size] * (R.shape[0] // c.group_size))
     R, ok, rstats = clean_rewards(R, gid)                                             # NaN/inf: filled, those samples unpaired
     lab = self.label(R, gid, step)
@@ -389,7 +404,8 @@ def online_pairs(self: DPOTrainer, step: int) -> dict:
     w, l = w[mine] - lo, l[mine] - lo
     x0 = traj.latents[:, -1].float()
     return dict(x_w=x0[w], x_l=x0[l], pe=pe[w], ppe=ppe[w], pair_ids=mine.nonzero().flatten(), R=R, labels=lab, n_pairs=len(rows),
-                masked_samples=rstats['masked_samples'], times=dict(sample=t1 - t0, score=t2 - t1))
+                masked_samples=rstats['masked_samples'], times=dict(sample=t1 - t0, score=t2 - t1),
+                observe=dict(R=R, group_ids=gid, prompt_keys=all_prompts, hold=bool(rstats['skipped'].any())))
 
 # %% ../nbs/09_dpo.ipynb #94e9859f
 @patch
@@ -465,11 +481,13 @@ def update_reference(self: DPOTrainer, step: int) -> bool:
 @patch
 def train_step(self: DPOTrainer) -> dict:
     "One DPO step; returns (and logs) its metrics record."
-    t0, step = time.perf_counter(), self.step
+    t0, step, weights = time.perf_counter(), self.step, self.balance.weights
     batch = self.offline_pairs(step) if self.offline else self.online_pairs(step)
     t1 = time.perf_counter()
     upd = self.dpo_update(batch, step); t2 = time.perf_counter()
     ref_updated = self.update_reference(step)
+    if 'observe' in batch: self.balance.observe(step, **batch['observe'])   # online: the scheduler sees the policy's progress
+    batch['weights'] = weights
     self.last_batch = dict(rewards=batch['R'], labels=batch['labels'].labels, n_pairs=batch['n_pairs'])   # for inspection and tests
     rec = self._record(step, batch, upd, ref_updated, dict(**batch['times'], label=t1 - t0 - sum(batch['times'].values()),
                                                              update=t2 - t1, step=time.perf_counter() - t0))
@@ -484,8 +502,9 @@ def _record(self: DPOTrainer, step, batch, upd, ref_updated, times) -> dict:
     rec = dict(step=step, time=time.time(), n_samples=int(R.shape[0]), masked_samples=batch.get('masked_samples', 0), pairs=batch['n_pairs'],
                **upd, tie_share=tie_share(lab.tie),
                agreement=agreement_matrix(lab.votes).tolist(), ref_updated=ref_updated)
-    per = dict(raw_mean=R.mean(0) * self.signs, raw_std=R.std(0, unbiased=False), weight=self.scorer_weights / self.scorer_weights.sum(),
-               share=consensus_share(lab.votes, lab.labels), override=override_share(lab.votes, lab.labels))
+    per = dict(raw_mean=R.mean(0), raw_std=R.std(0, unbiased=False), weight=batch['weights'], next_weight=self.balance.weights,
+               gain=self.balance.last_gain,
+               share=consensus_share(lab.votes, lab.labels), override=override_share(lab.votes, lab.labels), **self.balance.terms)
     for key, vec in per.items():
         for n, v in zip(self.names, vec.tolist()): rec[f'{key}/{n}'] = v
     rec.update({f'time/{k}': v for k, v in times.items()})

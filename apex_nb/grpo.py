@@ -11,17 +11,16 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 from .core import check_choice, parse_objectives, weight_vector, group_ids_for
-from .normalize import NORMALIZERS, get_normalizer, typical_group_std, signal_groups
-from .diagnostics import effective_shares, gradient_conflicts
-from .priorities import SCHEDULERS, AGGREGATORS, PromptBaseline, get_scheduler, aggregate, check_options
+from .diagnostics import gradient_conflicts
+from .balance import balance_from_config
 from .rewards import REWARDS, get_reward, score_batch, load_prompts
 from .sd3 import sample_with_logprob, step_log_prob, cat_trajectories
 
 # %% auto #0
 __all__ = ['LORA_TARGETS', 'PRESETS', 'MAX_NONFINITE_STEPS', 'RunConfig', 'GRPOConfig', 'check_fields', 'check_common_fields',
-           'place_rewards', 'make_rewards', 'parse_run', 'validate_config', 'check_balance', 'build_config',
-           'make_config', 'split_sizes', 'local_samples', 'sampler_batches', 'decode_batches', 'micro_batches',
-           'RunDir', 'write_atomic', 'read_metrics', 'ppo_clip_loss', 'kl_to_reference', 'TrainerCore', 'GRPOTrainer',
+           'place_rewards', 'make_rewards', 'parse_run', 'validate_config', 'build_config', 'make_config',
+           'split_sizes', 'local_samples', 'sampler_batches', 'decode_batches', 'micro_batches', 'RunDir',
+           'write_atomic', 'read_metrics', 'ppo_clip_loss', 'kl_to_reference', 'TrainerCore', 'GRPOTrainer',
            'RunStopped', 'clean_rewards', 'save_grid', 'overrides_from_params', 'config_from_params']
 
 # %% ../nbs/07_grpo.ipynb #4b544ab9
@@ -127,7 +126,7 @@ def check_common_fields(c):
 def _check_ranges(c: GRPOConfig):
     check_common_fields(c)
     check_fields(c, ints=('inner_epochs',), counts=('conflict_every', 'conflict_timesteps'),
-                 ranges=[('clip_range', 0, 1), ('adv_clip', 0, 1e9), ('kl_beta', 0, 1e9), ('timestep_fraction', 0, 1)])
+                 ranges=[('clip_range', 0, 1), ('kl_beta', 0, 1e9), ('timestep_fraction', 0, 1)])   # adv_clip: checked by the balance
     if c.timestep_fraction == 0: raise ValueError("timestep_fraction must be > 0")
     if c.noise_level <= 0:   # η = 0 is the ODE: every log-prob is 0, no policy gradient, and the KL divides by s_t² = 0
         raise ValueError(f"noise_level must be > 0 for GRPO training (the SDE policy must be stochastic), got {c.noise_level}")
@@ -160,23 +159,9 @@ def parse_run(c) -> dict:
 def validate_config(c: GRPOConfig) -> dict:
     "Check a config without loading any model; returns the parsed objectives, weights and prompts."
     _check_ranges(c)
-    check_choice('normalisation method', c.method, NORMALIZERS.names())
     parsed = parse_run(c)
-    check_balance(c.scheduler, c.scheduler_options, c.aggregator, c.aggregator_options, parsed['weights'])
+    balance_from_config(c, parsed['weights'])    # method, scheduler, aggregator and their options: refused now, naming the valid ones
     return parsed
-
-def check_balance(scheduler: str, scheduler_options: dict, aggregator: str, aggregator_options: dict, weights):
-    "A scheduler and an aggregator (or 'none') by name, each with options its class knows; an aggregator given as scheduler is named."
-    if scheduler in AGGREGATORS.names():
-        raise ValueError(f"scheduler {scheduler!r} is a gradient aggregator: pass aggregator={scheduler!r} (its options in "
-                         f"aggregator_options) and a scheduler from {', '.join(SCHEDULERS.names())}")
-    check_choice('scheduler', scheduler, SCHEDULERS.names())
-    for n, v in (('scheduler_options', scheduler_options), ('aggregator_options', aggregator_options)):
-        if not isinstance(v, dict): raise ValueError(f"{n} must be a dict of options, got {v!r}")
-    get_scheduler(scheduler, weights, **scheduler_options)      # unknown or bad options fail here, before any model loads
-    check_choice('aggregator', aggregator, ('none',) + tuple(AGGREGATORS.names()))
-    if aggregator != 'none': check_options(f"aggregator {aggregator!r}", aggregator_options, AGGREGATORS.get(aggregator)[1])
-    elif aggregator_options: raise ValueError(f"aggregator_options {aggregator_options!r} given without an aggregator (aggregator='none')")
 
 def build_config(cls, presets: dict, preset: str, validate, **overrides):
     "A `cls` config from `presets[preset]`, then `overrides` (unknown names are refused with the valid ones), checked by `validate`."
@@ -354,16 +339,13 @@ class GRPOTrainer(TrainerCore):
     def validate(self, cfg: GRPOConfig) -> dict: return validate_config(cfg)
 
     def setup(self, parsed):
-        cfg = self.cfg
-        self.normalizer = get_normalizer(cfg.method, **cfg.method_options)
-        self.aggregator = None if cfg.aggregator == 'none' else cfg.aggregator
-        self.scheduler = get_scheduler(cfg.scheduler, parsed['weights'], **cfg.scheduler_options)
-        self.baseline = PromptBaseline()
+        self.balance = balance_from_config(self.cfg, parsed['weights'], self.signs)   # the method: normaliser, shares, scheduler/aggregator
 
-    def extra_state(self) -> dict:
-        return dict(normalizer=self.normalizer.state_dict(), scheduler=self.scheduler.state_dict(), baseline=self.baseline.state_dict())
+    @property
+    def aggregator(self) -> str | None: return self.balance.aggregator if self.balance.aggregates else None
+    def extra_state(self) -> dict: return dict(balance=self.balance.state_dict())
     def load_extra_state(self, st):
-        self.normalizer.load_state_dict(st['normalizer']); self.scheduler.load_state_dict(st['scheduler']); self.baseline.load_state_dict(st['baseline'])
+        self.balance.load_state_dict(st['balance'] if 'balance' in st else st)   # checkpoints before the balance object kept its three parts at the top
     def postfix(self, rec): return super().postfix(rec) | dict(kl=round(rec['kl'], 4))
 
 # %% ../nbs/07_grpo.ipynb #25b70c66
@@ -419,22 +401,12 @@ def clean_rewards(R: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tenso
 # %% ../nbs/07_grpo.ipynb #2a266cde
 @patch
 def score(self: TrainerCore, images, prompts, step: int) -> torch.Tensor:
-    "Raw rewards N×K (sign-flipped for `min` objectives, may hold NaN); a failing scorer stops the run naming it and the step."
+    "Raw rewards N×K as the scorers return them (may hold NaN; the balance negates `min` objectives); a failing scorer stops the run naming it and the step."
     uint8 = (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     try: scores = score_batch(self.rewards, uint8, prompts)
     except Exception as e:
         raise RunStopped(f"scoring failed at step {step}: {e}") from e
-    return torch.stack([scores[n].float().cpu() for n in self.names], 1) * self.signs
-
-# %% ../nbs/07_grpo.ipynb #d3cd4250
-@patch
-def balance(self: GRPOTrainer, R, group_ids, prompts) -> dict:
-    "The method's one place: normalise, measure shares; the scheduler's weights for this step come from the last update."
-    w = self.scheduler.weights
-    out = self.normalizer(R, group_ids, w)
-    A = out.advantages.clamp(-self.cfg.adv_clip, self.cfg.adv_clip)
-    shares, _ = effective_shares(out.contributions, out.advantages)
-    return dict(weights=w, advantages=A, contributions=out.contributions, shares=shares, stats=out.stats)
+    return torch.stack([scores[n].float().cpu() for n in self.names], 1)
 
 # %% ../nbs/07_grpo.ipynb #56063a8b
 @patch
@@ -487,18 +459,15 @@ def train_step(self: GRPOTrainer) -> dict:
     R, all_prompts = self._gather(R_local, prompts)
     g = group_ids_for([c.group_size] * (R.shape[0] // c.group_size))
     R, ok, rstats = clean_rewards(R, g)
-    bal = self.balance(R, g, all_prompts)
-    self.last_batch = dict(rewards=R, advantages=bal['advantages'], prompts=all_prompts)   # for inspection and tests
-    lo = self.acc.process_index * R_local.shape[0]
-    A, C = bal['advantages'][lo:lo + R_local.shape[0]], bal['contributions'][lo:lo + R_local.shape[0]]
+    bal = self.balance.step(R, g)                     # the same balance on every process: all rewards are gathered
+    self.last_batch = dict(rewards=R, advantages=bal.advantages, prompts=all_prompts)   # for inspection and tests
+    mine = slice(self.acc.process_index * R_local.shape[0], (self.acc.process_index + 1) * R_local.shape[0])
     t_balance = time.perf_counter()
-    signal = signal_groups(R, g)                      # groups with spread in some objective; the others carry no signal for any method
-    upd = self.update(traj, A, C, conflicts=c.conflict_every > 0 and step % c.conflict_every == 0,
-                      train_mask=(signal & ok)[lo:lo + R_local.shape[0]])
-    upd['zero_std_groups'] = float(1 - signal.float().mean())
+    upd = self.update(traj, bal.advantages[mine], bal.contributions[mine], conflicts=self.balance.diagnoses(step),
+                      train_mask=(bal.signal & ok)[mine])   # groups without spread in any objective carry no signal: they leave the loss
+    upd['zero_std_groups'] = float(1 - bal.signal.float().mean())
     cos = upd.pop('cos'); t_update = time.perf_counter()
-    if not rstats['skipped'].any():   # a skipped objective has no level this step: the weights hold
-        self.scheduler.update(step, self.baseline.level(R, g, all_prompts), typical_group_std(R, g), cos)
+    self.balance.observe(step, R, g, all_prompts, cos, hold=bool(rstats['skipped'].any()))   # a skipped objective has no level: weights hold
     t_end = time.perf_counter()
     rec = self._record(step, R, bal, upd, cos, dict(sample=t_sample - t0, score=t_score - t_sample, balance=t_balance - t_score,
                                                     update=t_update - t_balance - upd['diag_seconds'], diag=upd['diag_seconds'],
@@ -569,7 +538,7 @@ def _accumulate(self: GRPOTrainer, traj, A, C, j, chunk, n_total, n_terms, stats
 @patch
 def _set_aggregated_grads(self: GRPOTrainer, J):
     "Combine the per-objective gradients (rows of J) with the torchjd aggregator into the parameters' .grad."
-    agg = aggregate(self.aggregator, J, seed=_step_seed(self.cfg.seed, self.step, 3), **self.cfg.aggregator_options)
+    agg = self.balance.aggregate(J, seed=_step_seed(self.cfg.seed, self.step, 3))
     # J holds unscaled gradients; under fp16 the optimiser step unscales .grad first, so scale them as a backward would (exact: 2^k)
     scale = self.acc.scaler.scale(torch.ones((), device=J.device)) if self.acc.scaler is not None else 1.0   # scale() also starts the scaler
     for p, g in zip(self.params, agg.vector.split([p.numel() for p in self.params])): p.grad = (g.view_as(p) * scale).to(p.device, p.dtype)
@@ -581,14 +550,15 @@ def _record(self: GRPOTrainer, step, R, bal, upd, cos, times, rstats=None) -> di
     "The step's metrics line: per-objective rewards, shares, weights, P³ terms, conflicts, losses and timings."
     agg = upd.pop('agg_weights', None)
     rec = dict(step=step, time=time.time(), n_samples=int(R.shape[0]), masked_samples=0 if rstats is None else rstats['masked_samples'])
-    per = dict(raw_mean=R.mean(0) * self.signs, raw_std=R.std(0, unbiased=False), contrib_std=bal['contributions'].std(0, unbiased=False),
-               share=bal['shares'], weight=bal['weights'], next_weight=self.scheduler.weights, **({} if agg is None else dict(agg_weight=agg)),
-               zero_std=bal['stats']['zero_std_ratio'], **{t: v for t, v in self.scheduler.terms.items()},
+    per = dict(raw_mean=R.mean(0), raw_std=R.std(0, unbiased=False), contrib_std=bal.contributions.std(0, unbiased=False),
+               share=bal.shares, weight=bal.weights, next_weight=self.balance.weights, gain=self.balance.last_gain,
+               **({} if agg is None else dict(agg_weight=agg)),
+               zero_std=bal.stats['zero_std_ratio'], **self.balance.terms,
                **({} if rstats is None else dict(nonfinite=rstats['nonfinite'], skipped=rstats['skipped'])))
     for key, vec in per.items():
         for n, v in zip(self.names, torch.as_tensor(vec).tolist()): rec[f'{key}/{n}'] = v
     rec.update(cos=None if cos is None else torch.as_tensor(cos).tolist(), **{k: v for k, v in upd.items() if k != 'diag_seconds'},
-               adv_scale=float(torch.as_tensor(bal['stats'].get('scale', 1.0))), **{f'time/{k}': v for k, v in times.items()})
+               adv_scale=float(torch.as_tensor(bal.stats.get('scale', 1.0))), adv_clipped=bal.stats['clipped'], **{f'time/{k}': v for k, v in times.items()})
     if self.run is not None: self.run.log(rec)
     for cb in self.callbacks: cb(self, rec)
     return rec
@@ -638,7 +608,7 @@ def evaluate(self: TrainerCore) -> dict:
     c = self.cfg
     gens = [torch.Generator(self.acc.device).manual_seed(_step_seed(c.seed, 0, 4, i)) for i in range(len(self.eval_prompts))]
     traj = self.sample_batches(list(self.eval_prompts), gens, c.eval_sample_steps, 0.0)
-    R = self.score(traj.images, self.eval_prompts, self.step) * self.signs
+    R = self.score(traj.images, self.eval_prompts, self.step)
     rec = dict(step=self.step, eval=dict(zip(self.names, R.mean(0).tolist())), eval_std=dict(zip(self.names, R.std(0, correction=0).tolist())),
                prompts=list(self.eval_prompts))
     if self.run is not None:

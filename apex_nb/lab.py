@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import torch
 from .core import Registry, check_choice, group_ids_for
-from .normalize import NORMALIZERS, get_normalizer, typical_group_std
-from .diagnostics import effective_shares, gradient_conflicts, objective_jacobian, surrogate_losses, seesaw_index
-from .priorities import SCHEDULERS, AGGREGATORS, PromptBaseline, get_scheduler, aggregate
+from .normalize import NORMALIZERS, typical_group_std
+from .diagnostics import gradient_conflicts, objective_jacobian, surrogate_losses, seesaw_index
+from .priorities import SCHEDULERS, AGGREGATORS
+from .balance import Balance
 
 # %% auto #0
 __all__ = ['KINDS', 'PRESETS', 'P3_TERMS', 'HV_REFERENCE', 'SimObjective', 'directions_with_cosines', 'conflict_matrix',
@@ -179,16 +180,16 @@ def evaluate(env: LabEnv, policy: GaussianPolicy, seed: int = 54321, group_size:
     return env.expected_level(policy.sample(env.X[idx], gen)).mean(0)
 
 # %% ../nbs/04_lab.ipynb #77e6f391
-def _weighted_policy_gradient(policy, logp, A):
-    "Gradient of −mean(A·log π) into the parameters' .grad (the GRPO surrogate with ratio 1)."
+def _weighted_policy_gradient(policy, logp, A, keep):
+    "Gradient of −mean(A·log π) over the samples of `keep` into the parameters' .grad (the GRPO surrogate with ratio 1)."
     policy.zero_grad(set_to_none=True)
-    (-(A * logp).mean()).backward()
+    if keep.any(): (-(A[keep] * logp[keep]).mean()).backward()
 
-def _aggregated_policy_gradient(policy, logp, C, aggregator: str, seed: int):
-    "Per-objective gradients of −mean(C_k·log π), combined by a torchjd aggregator into the parameters' .grad."
+def _aggregated_policy_gradient(policy, logp, C, keep, balance: Balance, seed: int):
+    "Per-objective gradients of −mean(C_k·log π) over the samples of `keep`, combined by the balance's torchjd aggregator into .grad."
     params = list(policy.parameters())
-    J = objective_jacobian(surrogate_losses(-logp, C), params, 'loop')
-    agg = aggregate(aggregator, J, seed=seed)
+    J = objective_jacobian(surrogate_losses(-logp, C, keep.nonzero().flatten()), params, 'loop')
+    agg = balance.aggregate(J, seed=seed)
     policy.zero_grad(set_to_none=True)
     for p, chunk in zip(params, agg.vector.split([p.numel() for p in params])): p.grad = chunk.view_as(p).clone()
     return agg
@@ -211,24 +212,24 @@ def _history_frame(names, rec: dict, seesaw_window: int) -> pd.DataFrame:
 P3_TERMS = ('p', 'LP', 'PN', 'CP', 'pi')
 
 def run_lab(preset='apex4', method: str = 'apex', scheduler: str = 'p3', steps: int = 300, seed: int = 0,
-            weights=None, conflict_every: int = 1, method_options: dict | None = None,
-            scheduler_options: dict | None = None, seesaw_window: int = 20, callback=None, **overrides) -> pd.DataFrame:
-    "Train the lab policy with a normaliser and a scheduler (or torchjd aggregator); the tidy history, final gains in `.attrs`."
+            weights=None, conflict_every: int = 1, method_options: dict | None = None, scheduler_options: dict | None = None,
+            aggregator: str = 'none', aggregator_options: dict | None = None, adv_clip: float | None = 5.0,
+            seesaw_window: int = 20, callback=None, **overrides) -> pd.DataFrame:
+    "Train the lab policy with a `Balance` (normaliser + scheduler, optionally a torchjd aggregator); the tidy history, final gains in `.attrs`."
     cfg = get_preset(preset, **overrides) if isinstance(preset, str) else preset
     names, K = cfg.names, len(cfg.objectives)
-    check_choice('scheduler', scheduler, SCHEDULERS.names() + AGGREGATORS.names())
     if int(steps) < 1: raise ValueError(f"steps must be >= 1, got {steps}")
-    is_agg = scheduler in AGGREGATORS
-    w0 = torch.ones(K) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
-    sched = get_scheduler('static' if is_agg else scheduler, w0, **(scheduler_options or {}))
-    norm = get_normalizer(method, **(method_options or {}))
+    if weights is not None and torch.as_tensor(weights).numel() != K:
+        raise ValueError(f"got {torch.as_tensor(weights).numel()} weights {list(weights)} for {K} objectives {names}")
+    balance = Balance(torch.ones(K) if weights is None else weights, method, scheduler, aggregator, method_options, scheduler_options,
+                      aggregator_options, adv_clip, conflict_every=conflict_every)   # the trainers' balance: the same code, the same rules
     env = LabEnv(cfg, seed)
     policy = GaussianPolicy(cfg.prompt_dim, env.action_dim, cfg.action_std)
-    opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+    params = list(policy.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.lr)
     gen, g = torch.Generator().manual_seed(seed + 1), group_ids_for([cfg.group_size] * cfg.groups)
     mu0, sigma0 = initial_levels(env, policy)
-    baseline = PromptBaseline()   # the scheduler sees per-prompt progress, not prompt-sampling noise
-    rec, cos_log, t0 = {k: [] for k in ('raw_mean', 'gain', 'weight', 'effective_share', 'cos_mean', *P3_TERMS, 'conflict_rate')}, [], time.perf_counter()
+    rec, cos_log, t0 = {k: [] for k in ('raw_mean', 'gain', 'weight', 'effective_share', 'cos_mean', *P3_TERMS, 'conflict_rate', 'adv_clipped')}, [], time.perf_counter()
     nan_k = [math.nan] * K
     for t in range(int(steps)):
         prompts = torch.randint(cfg.n_prompts, (cfg.groups,), generator=gen)
@@ -236,30 +237,31 @@ def run_lab(preset='apex4', method: str = 'apex', scheduler: str = 'p3', steps: 
         x = env.X[idx]
         a = policy.sample(x, gen)
         R = env.rewards(a, idx, gen)
-        w = sched.weights
-        out = norm(R, g, w)
+        bal = balance.step(R, g)
         logp = policy.log_prob(a, x)
-        conf = gradient_conflicts(logp, out.contributions, list(policy.parameters()), retain_graph=True) if conflict_every and t % conflict_every == 0 else None
-        if is_agg: w = _aggregated_policy_gradient(policy, logp, out.contributions, scheduler, seed + t).display
-        else: _weighted_policy_gradient(policy, logp, out.advantages)
+        conf = gradient_conflicts(logp, bal.contributions, params, retain_graph=True) if balance.diagnoses(t) else None
+        w = bal.weights
+        if balance.aggregates: w = _aggregated_policy_gradient(policy, logp, bal.contributions, bal.signal, balance, seed + t).display
+        else: _weighted_policy_gradient(policy, logp, bal.advantages, bal.signal)
         opt.step()
-        sched.update(t, baseline.level(R, g, prompts.tolist()), typical_group_std(R, g), None if conf is None else conf['cos'])
-        e, _ = effective_shares(out.contributions, out.advantages)
+        balance.observe(t, R, g, prompts.tolist(), None if conf is None else conf['cos'])   # per-prompt progress, not prompt-sampling noise
         cos = conf['cos'] if conf is not None else torch.full((K, K), math.nan)
-        terms = sched.terms
+        terms = balance.terms
         rec['raw_mean'].append(R.mean(0).tolist()); rec['weight'].append((w / w.sum()).tolist())
         rec['gain'].append(((env.expected_level(a).mean(0) - mu0) / sigma0).tolist())
-        rec['effective_share'].append(e.tolist())
+        rec['effective_share'].append(bal.shares.tolist())
         rec['cos_mean'].append(((cos.sum(1) - cos.diagonal()) / max(K - 1, 1)).tolist())
         for k in P3_TERMS: rec[k].append(terms[k].tolist() if k in terms else nan_k)
         rec['conflict_rate'].append(conf['conflict_rate'] if conf is not None else math.nan)
+        rec['adv_clipped'].append(bal.stats['clipped'])
         cos_log.append(cos.numpy())
         if callback is not None: callback(t, rec)
     df = _history_frame(names, rec, seesaw_window)
     df.attrs.update(final_gain=dict(zip(names, ((evaluate(env, policy) - mu0) / sigma0).tolist())), cos=np.stack(cos_log),
                     seconds=time.perf_counter() - t0, names=names, start_mean=dict(zip(names, mu0.tolist())),
                     start_spread=dict(zip(names, sigma0.tolist())),
-                    run=dict(preset=preset if isinstance(preset, str) else 'custom', method=method, scheduler=scheduler, steps=int(steps), seed=seed))
+                    run=dict(preset=preset if isinstance(preset, str) else 'custom', method=method, scheduler=scheduler, aggregator=aggregator,
+                             steps=int(steps), seed=seed))
     return df
 
 # %% ../nbs/04_lab.ipynb #49317881
@@ -318,7 +320,7 @@ def lab_views(h: pd.DataFrame, smooth: int = 10) -> dict:
 # %% ../nbs/04_lab.ipynb #69bd5bf8
 class LabExplorer:
     "ipywidgets controls + plotly FigureWidgets that re-run the lab and redraw in place on every change."
-    def __init__(self, preset='apex4', method='apex', scheduler='p3', steps=150, seed=0, dispersion=1.0, conflict_deg=None):
+    def __init__(self, preset='apex4', method='apex', scheduler='p3', aggregator='none', steps=150, seed=0, dispersion=1.0, conflict_deg=None):
         import ipywidgets as W
         cfg = get_preset(preset)
         angle = conflict_deg if conflict_deg is not None else math.degrees(math.acos(float(cfg.cosines[0, 1])))
@@ -327,7 +329,8 @@ class LabExplorer:
             dispersion=W.FloatLogSlider(value=dispersion, base=10, min=-1, max=1, description='loud ×'),
             conflict_deg=W.FloatSlider(value=angle, min=0, max=180, step=5, description='angle°'),
             method=W.Dropdown(options=NORMALIZERS.names(), value=method, description='normalise'),
-            scheduler=W.Dropdown(options=SCHEDULERS.names() + AGGREGATORS.names(), value=scheduler, description='scheduler'),
+            scheduler=W.Dropdown(options=SCHEDULERS.names(), value=scheduler, description='scheduler'),
+            aggregator=W.Dropdown(options=['none'] + AGGREGATORS.names(), value=aggregator, description='aggregator'),
             steps=W.IntSlider(value=steps, min=10, max=1000, step=10, description='steps'),
             seed=W.IntText(value=seed, description='seed'))
         self.status = W.HTML()
@@ -348,7 +351,7 @@ class LabExplorer:
         c = {k: w.value for k, w in self.controls.items()}
         try: cfg = customise(get_preset(c['preset']), c['dispersion'], c['conflict_deg'])
         except ValueError as e: self.status.value = f'<b>not run:</b> {e}'; return
-        self.history = run_lab(cfg, c['method'], c['scheduler'], steps=c['steps'], seed=c['seed'])
+        self.history = run_lab(cfg, c['method'], c['scheduler'], steps=c['steps'], seed=c['seed'], aggregator=c['aggregator'])
         self.status.value = f"{c['steps']} steps in {self.history.attrs['seconds']:.2f} s"
         self.draw(lab_views(self.history))
 

@@ -15,14 +15,21 @@ __all__ = ['NORMALIZERS', 'COMBINES', 'group_mean', 'group_std', 'per_group', 'z
            'ema_update', 'typical_group_std', 'risk_budget_coefficients', 'variance_shares', 'ApexNorm']
 
 # %% ../nbs/01_normalize.ipynb #5e4afc6c
+def _first_index(group_ids: torch.Tensor, n_groups: int) -> torch.Tensor:
+    "Index of each group's first sample (on the ids' device)."
+    n = group_ids.shape[0]
+    return torch.full((n_groups,), n, dtype=torch.long, device=group_ids.device).scatter_reduce_(
+        0, group_ids, torch.arange(n, device=group_ids.device), 'amin')
+
 def group_mean(x: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    "Mean of `x` (N or N×K) over each sample's group, broadcast back to the samples, in float64 (exact for equal values)."
+    "Mean of `x` (N or N×K) over each sample's group, broadcast back to the samples, in float64 (exactly the value for equal values)."
     x = torch.as_tensor(x).double()
-    n_groups = int(group_ids.max()) + 1
-    counts = torch.bincount(group_ids, minlength=n_groups).double()
-    sums = torch.zeros((n_groups,) + x.shape[1:], dtype=torch.float64, device=x.device).index_add_(0, group_ids.to(x.device), x)
+    g = group_ids.to(x.device)
+    n_groups = int(g.max()) + 1
+    first = x[_first_index(g, n_groups)][g]       # shift by the group's first value: a group of equal values sums exact zeros
+    sums = torch.zeros((n_groups,) + x.shape[1:], dtype=torch.float64, device=x.device).index_add_(0, g, x - first)
     shape = (-1,) + (1,) * (x.ndim - 1)
-    return (sums / counts.to(x.device).view(shape))[group_ids.to(x.device)]
+    return first + (sums / torch.bincount(g, minlength=n_groups).double().view(shape))[g]
 
 def group_std(x: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     "Population standard deviation of `x` over each sample's group, broadcast back to the samples, in float64 (0 for equal values)."
@@ -32,9 +39,7 @@ def group_std(x: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
 # %% ../nbs/01_normalize.ipynb #e04ebab3
 def per_group(x: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     "One row per group: the value of `x` (N or N×K, constant within groups) at each group's first sample."
-    n_groups = int(group_ids.max()) + 1
-    first = torch.full((n_groups,), x.shape[0], dtype=torch.long).scatter_reduce_(0, group_ids, torch.arange(x.shape[0]), 'amin')
-    return x[first]
+    return x[_first_index(group_ids.to(x.device), int(group_ids.max()) + 1)]
 
 def zero_std_ratio(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     "Per objective (column), the fraction of groups whose rewards are all equal (exactly zero spread)."
@@ -116,10 +121,10 @@ class GdpoNorm(Normalizer):
     def __init__(self, eps: float = 1e-4): self.eps = eps
     def normalize(self, R, g, w):
         z = (R - group_mean(R, g)) / (group_std(R, g) + self.eps)
-        parts = z * w
+        parts = z * w          # group-centred, so their batch mean is 0: not subtracted again (rounding would leak into silent groups)
         a = parts.sum(1)
         scale = a.std(unbiased=False) + self.eps
-        C = (parts - parts.mean(0)) / scale
+        C = parts / scale
         return NormOutput(C.sum(1), C, {'scale': scale})
 
 # %% ../nbs/01_normalize.ipynb #b43db8fd
@@ -196,7 +201,7 @@ class ApexNorm(Normalizer):
     def normalize(self, R, g, w):
         self.t += 1
         z, tau = self.stage1_scores(R, g)
-        zc = z - z.mean(0)
+        zc = z                 # group-centred: every column's batch mean is 0 already; subtracting its rounding would move silent groups off 0
         cov = self.covariance(zc)
         live = cov.diagonal() > 0
         budget = self.stage2 and self.combine == 'budget' and bool(live.any())
