@@ -44,7 +44,9 @@ train: setup
 test: setup
 	@$(call apt_if_missing,chromium,chromium)   # for the JupyterLab browser test
 	@echo "nbdev_test: $$(ls nbs/*.ipynb | grep -v '/_' | wc -l) notebooks"
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_test --n_workers 2 --do_print
+# two notebooks at once on two cores, one thread each: torch's default of one thread per core makes two processes' threads
+# spin against each other (run_lab measured 2.6x slower with 2 threads than with 1 beside other busy processes)
+	OMP_NUM_THREADS=1 PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_test --n_workers 2 --do_print
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q tests/
 	@before=$$(git diff -- nbs apex_nb; git status --porcelain -- nbs apex_nb); \
 	  PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_export && PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_clean; \
