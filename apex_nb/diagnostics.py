@@ -4,15 +4,17 @@
 
 # %% ../nbs/02_diagnostics.ipynb #3aada3ab
 from __future__ import annotations
-import math, re, time
+import contextlib, math, re, time
+from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Mapping, Sequence
 import torch
 from .core import check_choice
 
 # %% auto #0
-__all__ = ['JACOBIAN_PATHS', 'DEFAULT_JACOBIAN_PATH', 'effective_shares', 'nominal_shares', 'hijack_index', 'share_kl',
-           'hijack_report', 'surrogate_losses', 'trainable_params', 'objective_jacobian', 'conflict_stats',
-           'gradient_conflicts', 'seesaw_index']
+__all__ = ['JACOBIAN_PATHS', 'DEFAULT_JACOBIAN_PATH', 'PER_SAMPLE_PATH', 'INPUT_SOURCES', 'effective_shares', 'nominal_shares',
+           'hijack_index', 'share_kl', 'hijack_report', 'surrogate_losses', 'trainable_params', 'objective_jacobian',
+           'conflict_stats', 'gradient_conflicts', 'LinearSlot', 'linear_slots', 'LinearObjectiveGrads', 'seesaw_index']
 
 # %% ../nbs/02_diagnostics.ipynb #7aa5b618
 def _as_2d(C) -> torch.Tensor:
@@ -141,6 +143,120 @@ def gradient_conflicts(policy_term, C, params, path: str = DEFAULT_JACOBIAN_PATH
     n = torch.as_tensor(C).shape[0] if sample_idx is None else len(sample_idx)
     return dict(stats, path=path, subset=subset, n_samples=int(n), n_params=sum(p.numel() for p in plist),
                 names=list(names) if names is not None else None, seconds=time.perf_counter() - t0)
+
+# %% ../nbs/02_diagnostics.ipynb #cb5c4bd8
+PER_SAMPLE_PATH = 'per-sample'          # the trainer's diag_path for LinearObjectiveGrads
+INPUT_SOURCES = ('forward', 'recompute')
+
+def _autocast_off(device_type: str):
+    "Autocast switched off on `device_type` (a no-op where autocast does not exist, as on `meta`)."
+    try: return torch.autocast(device_type, enabled=False)
+    except RuntimeError: return contextlib.nullcontext()
+
+def _as_multiplied(x: torch.Tensor) -> torch.Tensor:
+    "`x` as a linear layer multiplies it: cast to autocast's dtype where autocast is on (half the bytes of a float32 copy)."
+    try: on = torch.is_autocast_enabled(x.device.type)
+    except RuntimeError: on = False                            # no autocast on this device (meta)
+    return x.detach().to(torch.get_autocast_dtype(x.device.type)) if on and x.is_floating_point() else x.detach()
+
+@dataclass
+class LinearSlot:
+    "An nn.Linear that owns parameters of `params`, and where its weight's and bias's columns sit in J (None: not trained)."
+    name: str
+    module: torch.nn.Linear
+    weight: slice | None
+    bias: slice | None
+
+def linear_slots(model: torch.nn.Module, params: Sequence[torch.Tensor]) -> list[LinearSlot]:
+    "The nn.Linear layers of `model` owning `params`, with their J columns; a parameter that no Linear owns is refused by name."
+    cols, start = {}, 0
+    for p in params: cols[id(p)] = slice(start, start + p.numel()); start += p.numel()
+    slots, owned = [], set()
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.Linear): continue
+        w, b = cols.get(id(m.weight)), cols.get(id(m.bias)) if m.bias is not None else None
+        if w is None and b is None: continue
+        slots.append(LinearSlot(name, m, w, b)); owned |= {id(m.weight), id(m.bias)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    stray = [names.get(id(p), f'<tensor {tuple(p.shape)}>') for p in params if id(p) not in owned]
+    if stray: raise ValueError(f"{len(stray)} parameters are not the weight or bias of an nn.Linear of {type(model).__name__}: "
+                               f"{stray[:5]}{' …' if len(stray) > 5 else ''}; per-sample gradients cover nn.Linear layers only")
+    return slots
+
+# %% ../nbs/02_diagnostics.ipynb #16bf9968
+class LinearObjectiveGrads:
+    """K per-objective gradients `G_k = ∇ Σ_i w[i,k]·f_i` of the nn.Linear weights (and biases) among `params` — a LoRA's
+    `lora_A`/`lora_B` — from ONE backward of `Σ_i f_i` per `accumulate`, summed into `J` (K×P, float32, `params`' order)."""
+    def __init__(self, model: torch.nn.Module, params, n_objectives: int, inputs_from: str | None = None):
+        params = list(params.values()) if isinstance(params, Mapping) else list(params)
+        if not params: raise ValueError("no parameters to differentiate")
+        self.slots = linear_slots(model, params)
+        if inputs_from is None: inputs_from = 'recompute' if getattr(model, 'is_gradient_checkpointing', False) else 'forward'
+        check_choice('inputs_from', inputs_from, INPUT_SOURCES)
+        self.params, self.inputs_from = params, inputs_from
+        self.J = torch.zeros(n_objectives, sum(p.numel() for p in params), device=params[0].device)
+        self._grad_hooks, self._recomputed, self._weights = [], {}, None
+
+    @contextlib.contextmanager
+    def capture(self):
+        "Run the forward that `accumulate` differentiates inside: the layers' outputs get a gradient hook."
+        hooks = [s.module.register_forward_hook(partial(self._on_forward, s)) for s in self.slots]
+        try: yield self
+        finally:
+            for h in hooks: h.remove()
+
+    def accumulate(self, f: torch.Tensor, weights) -> LinearObjectiveGrads:
+        "Add `∇ Σ_i weights[i,k]·f_i` (k = 1..K) to J with one backward of `f.sum()` through the captured graph (retained)."
+        weights = torch.as_tensor(weights)
+        if f.ndim != 1: raise ValueError(f"f must hold one value per sample (1-D), got shape {tuple(f.shape)}")
+        if weights.shape != (f.shape[0], self.J.shape[0]):
+            raise ValueError(f"weights must be n×K = {(f.shape[0], self.J.shape[0])}, got {tuple(weights.shape)}")
+        if not self._grad_hooks: raise RuntimeError("no hooked nn.Linear ran with gradients inside `capture()`: nothing to differentiate")
+        self._weights = weights.detach().to(self.J.device, torch.float32)
+        recompute = [s.module.register_forward_pre_hook(partial(self._on_recompute, s)) for s in self.slots] \
+                    if self.inputs_from == 'recompute' else []
+        try: torch.autograd.grad(f.sum(), self.params, retain_graph=True, allow_unused=True)   # the hooks fill J on the way
+        finally:
+            for h in recompute: h.remove()
+            self.close()
+        return self
+
+    def _on_forward(self, slot, module, args, output):
+        if not output.requires_grad: return                        # a no-grad pass (the reference) leaves nothing to differentiate
+        x = _as_multiplied(args[0]) if self.inputs_from == 'forward' else None
+        self._grad_hooks.append(output.register_hook(partial(self._on_grad, slot, x)))
+
+    def _on_recompute(self, slot, module, args):
+        self._recomputed.setdefault(id(slot), []).append(_as_multiplied(args[0]))   # a stack: the backward meets a layer's calls in reverse
+
+    def _on_grad(self, slot, x, dy):
+        if self._weights is None: return                           # not our backward
+        if x is None:
+            stack = self._recomputed.get(id(slot))
+            if not stack: raise RuntimeError(f"{slot.name}: no input recomputed by the backward (outside the checkpointed blocks?); "
+                                             f"use inputs_from='forward'")
+            x = stack.pop()
+        self._add(slot, x, dy)
+
+    def _add(self, slot, x, dy):
+        "J[:, layer] += wᵀ·(per-sample Σ_t δ xᵀ), rows folded into samples (row r is sample r mod n)."
+        W, rows = self._weights, dy.shape[0]
+        n = W.shape[0]
+        if rows % n: raise ValueError(f"{slot.name}: a batch of {rows} rows for {n} samples (rows must be the samples repeated)")
+        with torch.no_grad(), _autocast_off(dy.device.type):
+            dy = dy.reshape(rows, -1, dy.shape[-1]).float()
+            if slot.weight is not None:
+                per_row = torch.bmm(dy.transpose(1, 2), x.reshape(rows, -1, x.shape[-1]).float())
+                self.J[:, slot.weight] += W.T @ per_row.reshape(rows // n, n, -1).sum(0)
+            if slot.bias is not None: self.J[:, slot.bias] += W.T @ dy.sum(1).reshape(rows // n, n, -1).sum(0)
+
+    def close(self):
+        "Remove the gradient hooks and drop the captured inputs (J stays)."
+        for h in self._grad_hooks: h.remove()
+        self._grad_hooks, self._recomputed, self._weights = [], {}, None
+
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()
 
 # %% ../nbs/02_diagnostics.ipynb #04e991e1
 def _pearson_cols(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -4,14 +4,14 @@
 
 # %% ../nbs/07_grpo.ipynb #3ff8a7ae
 from __future__ import annotations
-import dataclasses, json, math, os, random, shutil, time, warnings
+import contextlib, dataclasses, json, math, os, random, shutil, time, warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
 import torch
 from fastcore.basics import patch
 from .core import check_choice, parse_objectives, weight_vector, group_ids_for
-from .diagnostics import gradient_conflicts
+from .diagnostics import PER_SAMPLE_PATH, LinearObjectiveGrads
 from .balance import balance_from_config
 from .rewards import REWARDS, get_reward, score_batch, load_prompts
 from .sd3 import sample_with_logprob, step_log_prob, cat_trajectories
@@ -80,7 +80,8 @@ class GRPOConfig(RunConfig):
     timestep_fraction: float = 0.99       # share of the sampling steps trained on
     inner_epochs: int = 1
     conflict_every: int = 1               # gradient-conflict diagnostics every m steps (0: never)
-    conflict_timesteps: int = 1           # timesteps used for the per-objective gradients (a subsample)
+    conflict_timesteps: int = 1           # the first n training timesteps whose whole batch (every chunk) the conflict diagnostic
+                                          # differentiates, one extra backward per chunk each (0: all training timesteps)
     out_dir: str = 'runs/grpo'
 
 _SD35M = dict(model='stabilityai/stable-diffusion-3.5-medium', dtype='bfloat16', mixed_precision='bf16', device='cuda', prompts='text',
@@ -484,8 +485,15 @@ def train_timesteps(self: GRPOTrainer) -> list[int]:
 
 # %% ../nbs/07_grpo.ipynb #e0960c58
 @patch
+def diagnosed_timesteps(self: GRPOTrainer) -> list[int]:
+    "The training timesteps the conflict diagnostic differentiates, every chunk of them: the first `conflict_timesteps` (0: all)."
+    steps = self.train_timesteps()
+    return steps if self.cfg.conflict_timesteps == 0 else steps[:self.cfg.conflict_timesteps]
+
+@patch
 def update(self: GRPOTrainer, traj, A, C, conflicts: bool, train_mask=None) -> dict:
-    "PPO-clip + β·KL over the training timesteps on the samples of `train_mask` (default: all); one optimiser step."
+    """PPO-clip + β·KL over the training timesteps on the samples of `train_mask` (default: all); one optimiser step. With
+    `conflicts`, the K per-objective gradients of the diagnosed timesteps' first inner epoch are measured on the way."""
     c, dev = self.cfg, self.acc.device
     keep = torch.ones(len(A), dtype=torch.bool) if train_mask is None else train_mask   # samples of groups with signal, finite rewards
     idx = keep.nonzero().flatten()
@@ -494,29 +502,41 @@ def update(self: GRPOTrainer, traj, A, C, conflicts: bool, train_mask=None) -> d
                  cos=None, conflict_rate=None, diag_seconds=0.0, diag_path=None, grad_norm=0.0, skipped_update=False)
     if len(idx) == 0: return stats                          # nothing to learn from this batch
     steps, chunks = self.train_timesteps(), idx.to(dev).split(micro_batches(c, len(idx)))
+    diagnosed = self.diagnosed_timesteps() if conflicts else []
     J = torch.zeros(len(self.names), sum(p.numel() for p in self.params), device=dev) if self.aggregator else None
-    for epoch in range(c.inner_epochs):
-        for j in steps:
-            for chunk in chunks:
-                stats, J = self._accumulate(traj, A, C, j, chunk, len(idx), len(steps) * c.inner_epochs, stats, J,
-                                            conflicts=conflicts and epoch == 0 and j == steps[0] and chunk is chunks[0])
+    with (LinearObjectiveGrads(self.pipe.transformer, self.params, len(self.names)) if diagnosed else contextlib.nullcontext()) as grads:
+        for epoch in range(c.inner_epochs):
+            for j in steps:
+                for chunk in chunks:
+                    stats, J = self._accumulate(traj, A, C, j, chunk, len(idx), len(steps) * c.inner_epochs, stats, J,
+                                                diag=grads if epoch == 0 and j in diagnosed else None)
+    if diagnosed: stats |= self._conflicts(grads.J.div_(len(diagnosed)), stats['diag_seconds'])   # mean over timesteps, in place (K×P)
     if self.aggregator: stats['agg_weights'] = self._set_aggregated_grads(self._mean_over_processes(J))
     else:
         for p in self.params: p.grad = self._mean_over_processes(p.grad)
-    if stats['cos'] is not None: stats['cos'] = self._mean_over_processes(stats['cos']).cpu()   # for the scheduler, on the CPU
     return self.optimizer_step(stats)
+
+@patch
+def _conflicts(self: GRPOTrainer, J, seconds: float) -> dict:
+    "Cosines (on the CPU, for the scheduler) and conflict rate of the per-objective gradients J, averaged over processes as .grad is."
+    t = time.perf_counter()
+    st = self.balance.conflicts(self._mean_over_processes(J))
+    return dict(cos=st['cos'].cpu(), conflict_rate=st['conflict_rate'], diag_path=PER_SAMPLE_PATH,
+                diag_seconds=seconds + time.perf_counter() - t)
 
 # %% ../nbs/07_grpo.ipynb #a7cb02cf
 @patch
-def _accumulate(self: GRPOTrainer, traj, A, C, j, chunk, n_total, n_terms, stats, J, conflicts: bool):
-    "Loss (or per-objective losses) of timestep `j` on samples `chunk`, backpropagated into .grad (or J); `n_terms` = timesteps × epochs."
+def _accumulate(self: GRPOTrainer, traj, A, C, j, chunk, n_total, n_terms, stats, J, diag: LinearObjectiveGrads | None = None):
+    """Loss (or per-objective losses) of timestep `j` on samples `chunk`, backpropagated into .grad (or J); `n_terms` = timesteps × epochs.
+    With `diag`, first its one extra backward: the per-objective gradients of `mean_i C[i,k]·log p_i` over the step's samples."""
     c, tr = self.cfg, self.pipe.transformer
-    with self.acc.autocast(): st = step_log_prob(tr, traj, j, c.noise_level, idx=chunk)
+    with diag.capture() if diag is not None else contextlib.nullcontext(), self.acc.autocast():
+        st = step_log_prob(tr, traj, j, c.noise_level, idx=chunk)
     a, w = A[chunk], len(chunk) / n_total / n_terms   # A, C and chunk live on the model's device (moved once in `update`)
-    if conflicts:
+    if diag is not None:
         t = time.perf_counter()
-        conf = gradient_conflicts(st.log_prob, C[chunk], self.params, sample_idx=None, subset='LoRA (all)', names=self.names, retain_graph=True)
-        stats.update(cos=conf['cos'], conflict_rate=conf['conflict_rate'], diag_path=conf['path'], diag_seconds=time.perf_counter() - t)
+        diag.accumulate(st.log_prob, C[chunk] / n_total)   # the graph is kept: the training backward follows
+        stats['diag_seconds'] += time.perf_counter() - t
     pg, clip_frac, ratio = ppo_clip_loss(st.log_prob, traj.log_probs[chunk, j], a, c.clip_range)
     if math.isnan(stats['ratio_first']): stats['ratio_first'] = ratio.mean().item()
     kl = torch.zeros((), device=ratio.device)

@@ -9,8 +9,11 @@
   scoring      the images turned to uint8 for the rewards, and the reward models' forward passes (model rewards on this GPU)
   training     one micro-batch (`micro_batches`) at one timestep: policy forward (gradient checkpointing) + the no-grad reference
                forward with LoRA disabled (when kl_beta > 0) + backward (or the K-row Jacobian with an aggregator)
-  conflicts    the same micro-batch with the gradient-conflict diagnostic (every `conflict_every` steps): K backward passes
-               through the retained graph first, the K×P Jacobian (and its float64 copy in `conflict_stats`)
+  conflicts    the same micro-batch with the gradient-conflict diagnostic (every `conflict_every` steps): one backward through
+               the retained graph first (`LinearObjectiveGrads`: per-sample products added into its K×P float32 matrix, which
+               lives through the step's micro-batches), and after them `conflict_stats`' float64 copy of that matrix. The
+               inputs its hooks keep until their gradient arrives are counted in float32 (peft's cast): on a GPU they
+               are kept in autocast's dtype, which the meta run does not see (conservative by half their bytes)
   aggregate    an aggregator combining the K×P Jacobian into the LoRA's gradients
   optimizer    clipping and the AdamW step
   eval         an evaluation sampler call (`eval_sample_steps`, no step trajectories resident)
@@ -24,7 +27,7 @@ How the numbers are obtained (MEASURED / DERIVED / ASSUMED; the script prints a 
   * EXACT: parameter counts. Every model is built from its published config on the meta device (no weights, no download);
     SD3.5-M's sum without T5 equals keras-hub's published count; the reward CLIPs are built from their configs in code.
   * TRACED (measured at the real shapes, not estimated): the trainer's own functions (`sample_with_logprob` with prompt
-    encoding and `decode_latents`, `GRPOTrainer._accumulate` with `step_log_prob`, the reference pass, `gradient_conflicts`
+    encoding and `decode_latents`, `GRPOTrainer._accumulate` with `step_log_prob`, the reference pass, `LinearObjectiveGrads`
     and `objective_jacobian`, AdamW) run on the meta device, and a dispatch mode (LiveBytes) adds up the bytes of every
     tensor storage alive after every operation: a storage counts from the op that allocates it until its last reference
     dies. Emulated, so that the meta run allocates what the GPU run allocates (GpuLike):
@@ -609,12 +612,14 @@ def trace_micro_batch(key: tuple, m: int, steps: int, k: int, kl_beta: float, no
                       max_seq: int, conflicts: bool, aggregator: bool, autocast, lora_full: int, clip_range: float = 1e-4) -> dict:
     """`GRPOTrainer._accumulate` on a micro-batch of `m` samples at one timestep (the trainer's own code on a stub trainer:
     its cfg, transformer, LoRA params, accelerator autocast/backward), traced. Returns the peak per segment (policy forward,
-    conflicts, conflicts-jacobian, reference, backward, jacobian), extended to the full depth and the full LoRA:
+    conflicts, reference, backward, jacobian), extended to the full depth and the full LoRA:
       + (left-out blocks) × (what the checkpoint keeps per block: its input image and text states, measured) everywhere;
       + the autocast cache of the left-out LoRA (bf16 copies) in the policy forward;
-      + K rows of left-out LoRA gradients during the K backward passes of the diagnostic / an aggregator (K−1 finished rows
-        and the one being captured), and 3·K·(left-out LoRA)·4 B while the rows are flattened and stacked (rows + flats +
-        stack; then stack + its float64 copy); the checkpointed inputs are gone by then unless the graph is retained."""
+      + the left-out LoRA's gradients that the diagnostic's one backward returns (and drops: its hooks add into the K×P
+        matrix, allocated before the micro-batch and counted by the plan);
+      + K rows of left-out LoRA gradients during the K backward passes of an aggregator (K−1 finished rows and the one
+        being captured), and 3·K·(left-out LoRA)·4 B while the rows are flattened and stacked (rows + flats + stack; then
+        stack + its float64 copy); the checkpointed inputs are gone by then."""
     import apex_nb.diagnostics as diag
     import apex_nb.grpo as grpo
     from apex_nb.sd3 import Trajectory
@@ -641,28 +646,31 @@ def trace_micro_batch(key: tuple, m: int, steps: int, k: int, kl_beta: float, no
     cfg = types.SimpleNamespace(noise_level=noise, clip_range=clip_range, kl_beta=kl_beta)
     stub = types.SimpleNamespace(cfg=cfg, pipe=types.SimpleNamespace(transformer=tr), acc=Acc(), aggregator='agg' if aggregator else None,
                                  params=params, names=[f'objective{i}' for i in range(k)])
-    conflicts_fn, jacobian_fn, flat_fn = grpo.gradient_conflicts, diag.objective_jacobian, diag._flat
+    grads = diag.LinearObjectiveGrads(tr, params, k) if conflicts else None    # its K×P matrix exists before the micro-batch
+    accumulate = grads.accumulate if grads is not None else None
+    jacobian_fn, flat_fn = diag.objective_jacobian, diag._flat
 
-    def conflicts_marked(*a, **kw):
-        live.mark('conflicts'); out = conflicts_fn(*a, **kw); live.mark('policy'); return out
+    def accumulate_marked(*a, **kw):                                 # the diagnostic's one backward through the retained graph
+        live.mark('conflicts'); out = accumulate(*a, **kw); live.mark('policy'); return out
 
-    def jacobian_marked(*a, **kw):                                   # the aggregator's backward (not the diagnostic's)
-        if live.segment != 'conflicts': live.mark('backward')
+    def jacobian_marked(*a, **kw):                                   # the aggregator's backward
+        live.mark('backward')
         return jacobian_fn(*a, **kw)
 
     def flat_marked(*a, **kw):                                       # the K rows are there: flatten and stack them
-        if live.segment in ('conflicts', 'backward'): live.mark('conflicts-jacobian' if live.segment == 'conflicts' else 'jacobian')
+        if live.segment == 'backward': live.mark('jacobian')
         return flat_fn(*a, **kw)
     disable, enable = tr.disable_adapters, tr.enable_adapters
     stats = dict(loss=0.0, pg_loss=0.0, kl=0.0, clip_frac=0.0, ratio_first=math.nan, cos=None, conflict_rate=None, diag_seconds=0.0, diag_path=None)
     A, C = M(m), M(m, k)
     chunk = torch.arange(m, device=dev)
     try:
-        with _patched(grpo, 'gradient_conflicts', conflicts_marked), _patched(diag, 'objective_jacobian', jacobian_marked), \
+        with _patched(grads, 'accumulate', accumulate_marked) if grads is not None else contextlib.nullcontext(), \
+             _patched(diag, 'objective_jacobian', jacobian_marked), \
              _patched(diag, '_flat', flat_marked), _patched(tr, 'disable_adapters', lambda: (live.mark('reference'), disable())), \
              _patched(tr, 'enable_adapters', lambda: (enable(), live.mark('policy'))), gpu, live:
             live.mark('policy')
-            grpo.GRPOTrainer._accumulate(stub, traj, A, C, 0, chunk, m, 1, stats, J, conflicts=conflicts)
+            grpo.GRPOTrainer._accumulate(stub, traj, A, C, 0, chunk, m, 1, stats, J, diag=grads)
     finally:
         for blk in tr.transformer_blocks: del blk._plan_checkpoint_hook
         for p in params: p.grad = None
@@ -670,7 +678,7 @@ def trace_micro_batch(key: tuple, m: int, steps: int, k: int, kl_beta: float, no
     extra = tp.extra_blocks * per_block                               # the left-out blocks keep only their checkpointed inputs
     gap = lora_full - P_R
     ext = {'policy': extra + (gap * _bytes(autocast) if autocast is not None else 0), 'reference': extra,
-           'conflicts': extra + k * gap * 4, 'conflicts-jacobian': extra + 3 * k * gap * 4,     # the graph is retained
+           'conflicts': extra + gap * 4,                                                       # the graph is retained
            'backward': extra + (k * gap * 4 if aggregator else 0), 'jacobian': 3 * k * gap * 4}   # the last pass freed the graph
     peaks = {s: p + ext.get(s, extra) for s, p in live.peaks.items() if s != 'start'}
     return dict(peaks=peaks, per_block=per_block, extra_blocks=tp.extra_blocks, traced_lora=P_R, ops=live.ops)
@@ -804,9 +812,11 @@ def plan_details(cfg, num_processes: int = 1, phases: tuple | None = None) -> di
             phase('training', **terms, **{f'micro-batch ({m} samples × CFG) peak': max(segs.values())})
             out['training']['segments'] = segs
         if conflict and want('conflicts'):
-            diag_peak = max(pk.get('conflicts', 0), pk.get('conflicts-jacobian', 0))
-            phase('conflicts', **terms, **{f'micro-batch + conflict diagnostic (K={k}) peak': max(max(segs.values()), diag_peak)})
-            out['conflicts']['segments'] = {s: pk.get(s, 0) for s in ('conflicts', 'conflicts-jacobian')}
+            # the diagnostic's K×P float32 matrix lives through the micro-batches; after them conflict_stats copies it to float64
+            diag_segs = dict(conflicts=pk.get('conflicts', 0), stats=k * P * 8 + k * k * 8)
+            phase('conflicts', **terms, **{'K×P conflict matrix (fp32)': k * P * 4,
+                                           f'micro-batch + conflict diagnostic (K={k}), or its float64 copy: peak': max(max(segs.values()), *diag_segs.values())})
+            out['conflicts']['segments'] = diag_segs
     if aggregator and want('aggregate'):
         phase('aggregate', trajectory=traj, **{'K×P Jacobian (fp32)': jac, 'combined vector + new grads (derived)': 2 * P * 4,
                                                'Gramian K×K': k * k * 8})
