@@ -11,16 +11,16 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 from .core import check_choice, parse_objectives, weight_vector, group_ids_for
-from .diagnostics import PER_SAMPLE_PATH, LinearObjectiveGrads
+from .diagnostics import PER_SAMPLE_PATH, LinearObjectiveGrads, objective_jacobian
 from .balance import balance_from_config
 from .rewards import REWARDS, get_reward, score_batch, load_prompts
 from .sd3 import sample_with_logprob, step_log_prob, cat_trajectories
 
 # %% auto #0
-__all__ = ['LORA_TARGETS', 'PRESETS', 'MAX_NONFINITE_STEPS', 'RunConfig', 'GRPOConfig', 'check_fields', 'check_common_fields',
-           'place_rewards', 'make_rewards', 'parse_run', 'validate_config', 'build_config', 'make_config',
-           'split_sizes', 'local_samples', 'sampler_batches', 'decode_batches', 'micro_batches', 'RunDir',
-           'write_atomic', 'read_metrics', 'ppo_clip_loss', 'kl_to_reference', 'TrainerCore', 'GRPOTrainer',
+__all__ = ['LORA_TARGETS', 'PRESETS', 'LOSS_KEYS', 'MAX_NONFINITE_STEPS', 'RunConfig', 'GRPOConfig', 'check_fields',
+           'check_common_fields', 'place_rewards', 'make_rewards', 'parse_run', 'validate_config', 'build_config',
+           'make_config', 'split_sizes', 'local_samples', 'sampler_batches', 'decode_batches', 'micro_batches',
+           'RunDir', 'write_atomic', 'read_metrics', 'ppo_clip_loss', 'kl_to_reference', 'TrainerCore', 'GRPOTrainer',
            'RunStopped', 'clean_rewards', 'save_grid', 'overrides_from_params', 'config_from_params']
 
 # %% ../nbs/07_grpo.ipynb #4b544ab9
@@ -198,6 +198,8 @@ def decode_batches(c, num_processes: int = 1) -> list[int]:
 def micro_batches(c, n: int) -> list[int]:
     "Samples per training micro-batch for `n` samples that train (one backward each): `train_batch_size`, or `n` in `grad_accum` parts."
     return split_sizes(n, c.train_batch_size or math.ceil(n / c.grad_accum)) if n else []
+
+LOSS_KEYS = ('loss', 'pg_loss', 'kl', 'clip_frac')   # the update's means over all processes' kept samples
 
 # %% ../nbs/07_grpo.ipynb #bd43f3fa
 def _comparable(cfg: dict) -> dict:
@@ -498,9 +500,11 @@ def update(self: GRPOTrainer, traj, A, C, conflicts: bool, train_mask=None) -> d
     keep = torch.ones(len(A), dtype=torch.bool) if train_mask is None else train_mask   # samples of groups with signal, finite rewards
     idx = keep.nonzero().flatten()
     A, C = A.to(dev, torch.float32), C.to(dev, torch.float32)   # the balance step's results meet the model: the one move to its device
+    n_all = int(self._mean_over_processes(torch.tensor(len(idx), device=dev), 'sum'))   # kept samples on all processes
     stats = dict(loss=0.0, pg_loss=0.0, kl=0.0, clip_frac=0.0, ratio_first=math.nan,
                  cos=None, conflict_rate=None, diag_seconds=0.0, diag_path=None, grad_norm=0.0, skipped_update=False)
-    if len(idx) == 0: return stats                          # nothing to learn from this batch
+    if n_all == 0: return stats     # no signal on any process: no step (all agree, so none waits in a reduce below)
+    # a process without kept samples still joins every reduce, with zero gradients
     steps, chunks = self.train_timesteps(), idx.to(dev).split(micro_batches(c, len(idx)))
     diagnosed = self.diagnosed_timesteps() if conflicts else []
     J = torch.zeros(len(self.names), sum(p.numel() for p in self.params), device=dev) if self.aggregator else None
@@ -508,26 +512,28 @@ def update(self: GRPOTrainer, traj, A, C, conflicts: bool, train_mask=None) -> d
         for epoch in range(c.inner_epochs):
             for j in steps:
                 for chunk in chunks:
-                    stats, J = self._accumulate(traj, A, C, j, chunk, len(idx), len(steps) * c.inner_epochs, stats, J,
+                    stats, J = self._accumulate(traj, A, C, j, chunk, n_all, len(steps) * c.inner_epochs, stats, J,
                                                 diag=grads if epoch == 0 and j in diagnosed else None)
     if diagnosed: stats |= self._conflicts(grads.J.div_(len(diagnosed)), stats['diag_seconds'])   # mean over timesteps, in place (K×P)
-    if self.aggregator: stats['agg_weights'] = self._set_aggregated_grads(self._mean_over_processes(J))
-    else:
-        for p in self.params: p.grad = self._mean_over_processes(p.grad)
-    return self.optimizer_step(stats)
+    if self.aggregator: stats['agg_weights'] = self._set_aggregated_grads(self._mean_over_processes(J, 'sum'))
+    else:   # each sample weighs 1/n_all wherever it lives: the sum over processes is the mean over all kept samples
+        for p in self.params: p.grad = self._mean_over_processes(torch.zeros_like(p) if p.grad is None else p.grad, 'sum')
+    losses = self._mean_over_processes(torch.tensor([stats[k] for k in LOSS_KEYS], dtype=torch.float64), 'sum')
+    return self.optimizer_step(stats | dict(zip(LOSS_KEYS, losses.tolist())))
 
 @patch
 def _conflicts(self: GRPOTrainer, J, seconds: float) -> dict:
-    "Cosines (on the CPU, for the scheduler) and conflict rate of the per-objective gradients J, averaged over processes as .grad is."
+    "Cosines (on the CPU, for the scheduler) and conflict rate of the per-objective gradients J, summed over processes as .grad is."
     t = time.perf_counter()
-    st = self.balance.conflicts(self._mean_over_processes(J))
+    st = self.balance.conflicts(self._mean_over_processes(J, 'sum'))
     return dict(cos=st['cos'].cpu(), conflict_rate=st['conflict_rate'], diag_path=PER_SAMPLE_PATH,
                 diag_seconds=seconds + time.perf_counter() - t)
 
 # %% ../nbs/07_grpo.ipynb #a7cb02cf
 @patch
 def _accumulate(self: GRPOTrainer, traj, A, C, j, chunk, n_total, n_terms, stats, J, diag: LinearObjectiveGrads | None = None):
-    """Loss (or per-objective losses) of timestep `j` on samples `chunk`, backpropagated into .grad (or J); `n_terms` = timesteps × epochs.
+    """Loss (or per-objective losses) of timestep `j` on samples `chunk`, backpropagated into .grad (or J), each sample weighted
+    1/(`n_total` kept samples of all processes × `n_terms` = timesteps × epochs).
     With `diag`, first its one extra backward: the per-objective gradients of `mean_i C[i,k]·log p_i` over the step's samples."""
     c, tr = self.cfg, self.pipe.transformer
     with diag.capture() if diag is not None else contextlib.nullcontext(), self.acc.autocast():
@@ -546,12 +552,11 @@ def _accumulate(self: GRPOTrainer, traj, A, C, j, chunk, n_total, n_terms, stats
         kl = kl_to_reference(st.mean, ref.mean, traj.stds[j]).mean()
     if self.aggregator:
         per_objective = torch.stack([-(C[chunk, k] * ratio).mean() for k in range(C.shape[1])]) * w
-        from apex_nb.diagnostics import objective_jacobian
         J += objective_jacobian(per_objective + c.kl_beta * kl * w / C.shape[1], self.params, 'loop')
     else:
         self.acc.backward((pg + c.kl_beta * kl) * w)
-    for k, v in (('loss', (pg + c.kl_beta * kl).item()), ('pg_loss', pg.item()), ('kl', kl.item()), ('clip_frac', clip_frac.item())):
-        stats[k] += v * w
+    for k, v in zip(LOSS_KEYS, ((pg + c.kl_beta * kl).item(), pg.item(), kl.item(), clip_frac.item())):
+        stats[k] += v * w                               # this process's part of the mean over all processes' kept samples
     return stats, J
 
 # %% ../nbs/07_grpo.ipynb #420a5a45

@@ -24,6 +24,24 @@ torch.save(dict(batches=batches, lora=lora, world=t.acc.num_processes), f"{out}/
 """
 
 
+UNEVEN_SCRIPT = r"""
+import sys, torch
+from apex_nb.grpo import GRPOTrainer, make_config
+out = sys.argv[1]
+t = GRPOTrainer(make_config('tiny-random', steps=1, groups_per_step=2, group_size=3, save_every=0, eval_every=0, out_dir=out + '/run', seed=5))
+traj, _ = t.sample(t.step_prompts(0), 0)
+n, K = traj.log_probs.shape[0], len(t.names)
+g = torch.Generator().manual_seed(3)
+A, C = torch.randn(6, generator=g), torch.randn(6, K, generator=g)
+mine = slice(t.acc.process_index * n, (t.acc.process_index + 1) * n)
+keeps = dict(uneven=torch.tensor([1, 1, 1, 1, 0, 0]), one_side=torch.tensor([1, 1, 1, 0, 0, 0]), none=torch.zeros(6))
+res = {name: {k: v for k, v in t.update(traj, A[mine], C[mine], conflicts=True, train_mask=keep.bool()[mine]).items()
+              if k in ('loss', 'pg_loss', 'kl', 'grad_norm', 'cos', 'skipped_update')} for name, keep in keeps.items()}
+torch.save(dict(res=res, world=t.acc.num_processes, lora={k: v.detach().clone() for k, v in t.lora_state_dict().items()}),
+           f"{out}/result-{t.acc.process_index}.pt")
+"""
+
+
 DPO_SCRIPT = r"""
 import sys, torch
 from apex_nb.dpo import DPOTrainer, make_dpo_config, adapter_params
@@ -81,6 +99,24 @@ def test_two_processes_match_one(tmp_path):
     assert (per_process - A).abs().max() > 0.1
     assert len(r2[0]["lora"]) > 0
     for k in r2[0]["lora"]:                                                # the processes stay in sync: gradients averaged
+        assert torch.equal(r2[0]["lora"][k], r2[1]["lora"][k]), k
+
+
+def test_grpo_uneven_samples(tmp_path):
+    """Processes may keep different numbers of samples (groups without signal leave the loss): each kept sample weighs
+    1/(all processes' kept samples), so 2 processes give the 1-process loss and gradient; a process with nothing to train
+    still joins every reduce (it used to return early and leave the other waiting); with nothing kept anywhere, no step."""
+    r1, r2 = one_and_two_processes(tmp_path, UNEVEN_SCRIPT, 29519)
+    assert (r1["world"], r2[0]["world"]) == (1, 2)
+    for case in ("uneven", "one_side"):                       # 4 = 3 + 1 kept samples; 3 = 3 + 0
+        one, two = r1["res"][case], r2[0]["res"][case]
+        for k in ("loss", "pg_loss", "kl", "grad_norm"):       # the means over all kept samples, as one process computes them
+            assert math.isclose(one[k], two[k], rel_tol=1e-3, abs_tol=1e-9), (case, k, one[k], two[k])
+            assert two[k] == r2[1]["res"][case][k], (case, k)   # every process logs the same numbers
+        assert torch.allclose(one["cos"], two["cos"], atol=1e-3), (case, one["cos"], two["cos"])
+    none = r2[0]["res"]["none"]
+    assert (none["grad_norm"], none["loss"], none["cos"]) == (0.0, 0.0, None)   # no signal anywhere: no step
+    for k in r2[0]["lora"]:                                    # the processes stay in sync
         assert torch.equal(r2[0]["lora"][k], r2[1]["lora"][k]), k
 
 
