@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from fastcore.basics import patch
 from .core import check_choice
-from .normalize import NORMALIZERS, get_normalizer, check_rewards, typical_group_std, signal_groups
+from .normalize import NORMALIZERS, get_normalizer, group_std, typical_group_std, signal_groups
 from .diagnostics import effective_shares, conflict_stats
 from .priorities import SCHEDULERS, AGGREGATORS, Aggregation, PromptBaseline, get_scheduler, check_options, start_levels
 from .priorities import aggregate as torchjd_aggregate
@@ -64,6 +64,7 @@ class BalanceStep:
     shares: torch.Tensor         # K: effective shares Cov(C_k, A)/Var(A) of the advantage that trains
     signal: torch.Tensor         # N bool: the sample's group has spread in some objective (the others leave the loss)
     terms: dict                  # the P³ terms behind `weights` ({} for other schedulers and during warm-up)
+    spread: torch.Tensor         # K float64: the typical within-group std of the oriented rewards (what `observe` feeds P³)
     stats: dict = field(default_factory=dict)   # the normaliser's statistics (zero_std_ratio, scale, τ, …), clipped fraction, flat
 
 # %% ../nbs/12_balance.ipynb #529c69a7
@@ -122,10 +123,13 @@ def step(self: Balance, R, group_ids) -> BalanceStep:
     "Orient, normalise with the current weights, clip, measure shares and the signal mask."
     R = orient(check_width(R, self.k), self.signs)
     w, terms = self.weights, self.terms
-    out = self.normalizer(R, group_ids, w)
+    out = self.normalizer(R, group_ids, w)                  # validates R and the group ids first
     C, A, clipped = clip_advantages(out.contributions, self.adv_clip)
     shares, flat = effective_shares(C, A)
-    return BalanceStep(w, A, C, shares, signal_groups(*check_rewards(R, group_ids)), terms, dict(out.stats, clipped=clipped, flat=flat))
+    g = torch.as_tensor(group_ids)
+    S = group_std(R, g)                                     # one pass for the signal mask and the spread
+    return BalanceStep(w, A, C, shares, signal_groups(R, g, S), terms, typical_group_std(R, g, S),
+                       dict(out.stats, clipped=clipped, flat=flat))
 
 # %% ../nbs/12_balance.ipynb #cd1a0c5e
 def gain(level, start_level, start_spread) -> torch.Tensor:
@@ -146,11 +150,11 @@ def track_start(self: Balance, level, spread) -> torch.Tensor:
 
 # %% ../nbs/12_balance.ipynb #6a901c56
 @patch
-def observe(self: Balance, step: int, R, group_ids, prompt_keys, cos=None, hold: bool = False) -> torch.Tensor:
-    "Feed the scheduler this step's levels, spreads and cosines (unless `hold`); the weights for the next step."
+def observe(self: Balance, step: int, R, group_ids, prompt_keys, cos=None, hold: bool = False, spread=None) -> torch.Tensor:
+    "Feed the scheduler this step's levels, spreads and cosines (unless `hold`); the weights for the next step. `spread`: the step's, if known."
     if hold: return self.weights
     R = orient(check_width(R, self.k), self.signs)
-    spread = typical_group_std(R, group_ids)
+    spread = typical_group_std(R, group_ids) if spread is None else spread
     self.track_start(R.mean(0), spread)
     return self.scheduler.update(step, self.baseline.level(R, group_ids, list(prompt_keys)), spread, cos)
 

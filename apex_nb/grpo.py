@@ -470,7 +470,7 @@ def train_step(self: GRPOTrainer) -> dict:
                       train_mask=(bal.signal & ok)[mine])   # groups without spread in any objective carry no signal: they leave the loss
     upd['zero_std_groups'] = float(1 - bal.signal.float().mean())
     cos = upd.pop('cos'); t_update = time.perf_counter()
-    self.balance.observe(step, R, g, all_prompts, cos, hold=bool(rstats['skipped'].any()))   # a skipped objective has no level: weights hold
+    self.balance.observe(step, R, g, all_prompts, cos, hold=bool(rstats['skipped'].any()), spread=bal.spread)   # a skipped objective has no level: weights hold
     t_end = time.perf_counter()
     rec = self._record(step, R, bal, upd, cos, dict(sample=t_sample - t0, score=t_score - t_sample, balance=t_balance - t_score,
                                                     update=t_update - t_balance - upd['diag_seconds'], diag=upd['diag_seconds'],

@@ -244,7 +244,7 @@ def run_lab(preset='apex4', method: str = 'apex', scheduler: str = 'p3', steps: 
         if balance.aggregates: w = _aggregated_policy_gradient(policy, logp, bal.contributions, bal.signal, balance, seed + t).display
         else: _weighted_policy_gradient(policy, logp, bal.advantages, bal.signal)
         opt.step()
-        balance.observe(t, R, g, prompts.tolist(), None if conf is None else conf['cos'])   # per-prompt progress, not prompt-sampling noise
+        balance.observe(t, R, g, prompts.tolist(), None if conf is None else conf['cos'], spread=bal.spread)   # per-prompt progress, not prompt-sampling noise
         cos = conf['cos'] if conf is not None else torch.full((K, K), math.nan)
         terms = balance.terms
         rec['raw_mean'].append(R.mean(0).tolist()); rec['weight'].append((w / w.sum()).tolist())

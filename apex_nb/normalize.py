@@ -45,9 +45,9 @@ def zero_std_ratio(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tens
     "Per objective (column), the fraction of groups whose rewards are all equal (exactly zero spread)."
     return (per_group(group_std(rewards, group_ids), group_ids) == 0).float().mean(0)
 
-def signal_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    "Per sample: does its group have any spread in any objective? Groups without carry no signal for any method."
-    return (group_std(rewards, group_ids) > 0).any(1)
+def signal_groups(rewards: torch.Tensor, group_ids: torch.Tensor, stds: torch.Tensor | None = None) -> torch.Tensor:
+    "Per sample: does its group have any spread in any objective? Groups without carry no signal for any method. (`stds`: `group_std`, if known.)"
+    return ((group_std(rewards, group_ids) if stds is None else stds) > 0).any(1)
 
 # %% ../nbs/01_normalize.ipynb #aa620e36
 NORMALIZERS = Registry('normalisation method')
@@ -132,10 +132,10 @@ def ema_update(ema: torch.Tensor, value: torch.Tensor, momentum: float) -> torch
     "One step of an exponential moving average (raw; divide by `1 - momentum**t` for the bias-corrected value)."
     return momentum * ema + (1 - momentum) * value
 
-def typical_group_std(R: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    "Per objective, the mean within-group std over groups of ≥ 2 samples (0 when there is none)."
+def typical_group_std(R: torch.Tensor, g: torch.Tensor, stds: torch.Tensor | None = None) -> torch.Tensor:
+    "Per objective, the mean within-group std over groups of ≥ 2 samples (0 when there is none). (`stds`: `group_std(R, g)`, if known.)"
     sizes = torch.bincount(g)
-    stds = per_group(group_std(R, g), g)[sizes >= 2]
+    stds = per_group(group_std(R, g) if stds is None else stds, g)[sizes >= 2]
     return stds.mean(0) if len(stds) else torch.zeros(R.shape[1], dtype=torch.float64)
 
 # %% ../nbs/01_normalize.ipynb #fb91e0f5
