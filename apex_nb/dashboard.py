@@ -8,7 +8,7 @@ import json, math
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from .grpo import read_metrics
+from .runs import read_metrics
 from .lab import hypervolume_of_gains, HV_REFERENCE
 
 # %% auto #0

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
 from .core import Registry, check_choice, group_ids_for
-from .grpo import (LORA_TARGETS, PRESETS, RunConfig, TrainerCore, clean_rewards, RunDir, build_config, check_fields, check_common_fields, parse_run, micro_batches,
+from .grpo import (LORA_TARGETS, PRESETS, RunConfig, TrainerCore, clean_rewards, build_config, check_fields, check_common_fields, parse_run, micro_batches,
                           overrides_from_params, read_metrics, _step_seed)
 from .sd3 import encode_prompts
 from .balance import Balance, orient
@@ -392,6 +392,8 @@ def online_pairs(self: DPOTrainer, step: int) -> dict:
     R, all_prompts = self._gather(R_local, prompts)
     gid = group_ids_for([c.group_size] * (R.shape[0] // c.group_size))
     R, ok, rstats = clean_rewards(R, gid)                                             # NaN/inf: filled, those samples unpaired
+    self.check_idle(step, bool(rstats['skipped'].all()) or not bool(ok.any()),
+                    'no scorer gave a finite score on any sample (every scorer returned NaN/inf)')
     lab = self.label(R, gid, step)
     pairs = all_pairs(gid)
     lab = lab._replace(labels=torch.where(ok[pairs].all(1), lab.labels, torch.zeros_like(lab.labels)))   # a masked sample pairs with no one

@@ -13,15 +13,16 @@ from fastcore.basics import patch
 from .core import check_choice, parse_objectives, weight_vector, group_ids_for
 from .diagnostics import PER_SAMPLE_PATH, LinearObjectiveGrads, objective_jacobian
 from .balance import balance_from_config
+from .runs import RunDir, RunDirError, list_checkpoints, read_metrics, write_atomic, save_state, load_state, rng_state, set_rng_state, prompts_digest
 from .rewards import REWARDS, get_reward, score_batch, load_prompts
 from .sd3 import sample_with_logprob, step_log_prob, cat_trajectories
 
 # %% auto #0
-__all__ = ['LORA_TARGETS', 'PRESETS', 'LOSS_KEYS', 'MAX_NONFINITE_STEPS', 'RunConfig', 'GRPOConfig', 'check_fields',
-           'check_common_fields', 'place_rewards', 'make_rewards', 'parse_run', 'validate_config', 'build_config',
-           'make_config', 'split_sizes', 'local_samples', 'sampler_batches', 'decode_batches', 'micro_batches',
-           'RunDir', 'write_atomic', 'read_metrics', 'ppo_clip_loss', 'kl_to_reference', 'TrainerCore', 'GRPOTrainer',
-           'RunStopped', 'clean_rewards', 'save_grid', 'overrides_from_params', 'config_from_params']
+__all__ = ['LORA_TARGETS', 'PRESETS', 'LOSS_KEYS', 'MAX_NONFINITE_STEPS', 'MAX_IDLE_STEPS', 'RunConfig', 'GRPOConfig',
+           'check_fields', 'check_common_fields', 'place_rewards', 'make_rewards', 'parse_run', 'resolved_config',
+           'validate_config', 'build_config', 'make_config', 'split_sizes', 'local_samples', 'sampler_batches',
+           'decode_batches', 'micro_batches', 'ppo_clip_loss', 'kl_to_reference', 'TrainerCore', 'GRPOTrainer',
+           'RunStopped', 'clean_rewards', 'read_checkpoint', 'save_grid', 'overrides_from_params', 'config_from_params']
 
 # %% ../nbs/07_grpo.ipynb #4b544ab9
 LORA_TARGETS = ('attn.to_q', 'attn.to_k', 'attn.to_v', 'attn.to_out.0', 'attn.add_q_proj', 'attn.add_k_proj', 'attn.add_v_proj', 'attn.to_add_out')
@@ -157,6 +158,12 @@ def parse_run(c) -> dict:
     for r in rewards.values(): r.check_prompts(prompts + eval_prompts)
     return dict(objectives=objectives, weights=weight_vector(objectives), prompts=prompts, eval_prompts=eval_prompts, rewards=rewards)
 
+def resolved_config(parsed: dict) -> dict:
+    "What a config means, stored in config.json and compared on resume: the objectives as parsed, digests of the prompts as loaded."
+    spell = lambda o: f"{o.name}:{float(o.weight)}:{o.direction}" + ('' if o.target is None else f":{float(o.target)}")
+    return dict(objectives=[spell(o) for o in parsed['objectives']], prompts=prompts_digest(parsed['prompts']),
+                eval_prompts=prompts_digest(parsed['eval_prompts']), n_prompts=len(parsed['prompts']))
+
 def validate_config(c: GRPOConfig) -> dict:
     "Check a config without loading any model; returns the parsed objectives, weights and prompts."
     _check_ranges(c)
@@ -201,73 +208,6 @@ def micro_batches(c, n: int) -> list[int]:
 
 LOSS_KEYS = ('loss', 'pg_loss', 'kl', 'clip_frac')   # the update's means over all processes' kept samples
 
-# %% ../nbs/07_grpo.ipynb #bd43f3fa
-def _comparable(cfg: dict) -> dict:
-    "A config without the fields that may change between the legs of one run (length, resume flag)."
-    return {k: v for k, v in cfg.items() if k not in ('steps', 'resume', 'out_dir')}
-
-class RunDir:
-    "A run's folder: config.json, metrics.jsonl (append-only), checkpoints/ (atomic), eval/."
-    def __init__(self, path, config: dict, resume: bool = False):
-        self.path = Path(path)
-        self.metrics_path, self.ckpt_dir = self.path / 'metrics.jsonl', self.path / 'checkpoints'
-        cfg_path, config = self.path / 'config.json', json.loads(json.dumps(config, default=str))   # as it reads back
-        if cfg_path.exists() and not resume:
-            same = _comparable(json.loads(cfg_path.read_text())) == _comparable(config)
-            raise ValueError(f"{self.path} already holds {'this' if same else 'a different'} run (config.json); pass resume=True "
-                             f"to continue it{'' if same else ' (only with the same config)'}, or choose another out_dir")
-        if cfg_path.exists() and _comparable(json.loads(cfg_path.read_text())) != _comparable(config):
-            raise ValueError(f"cannot resume {self.path}: its config.json differs from this run's config")
-        for d in (self.path, self.ckpt_dir, self.path / 'eval'): d.mkdir(parents=True, exist_ok=True)
-        write_atomic(cfg_path, json.dumps(config, indent=1))
-        for stale in self.ckpt_dir.glob('.tmp-*'): shutil.rmtree(stale, ignore_errors=True)   # interrupted checkpoint writes
-
-    def log(self, record: dict):
-        "Append one JSON line and flush it to the OS at once."
-        with open(self.metrics_path, 'a') as f:
-            f.write(json.dumps(record, default=_to_jsonable) + '\n'); f.flush()
-
-    def checkpoints(self) -> list[Path]:
-        "Complete checkpoints, oldest first (temporary folders of interrupted writes are ignored)."
-        return sorted(p for p in self.ckpt_dir.glob('step-*') if p.is_dir())
-
-    def save_checkpoint(self, step: int, write, keep: int = 2) -> Path:
-        "Write a checkpoint with `write(folder)` into a temporary folder, then rename it into place; keep the last `keep`."
-        final = self.ckpt_dir / f'step-{step:06d}'
-        tmp = self.ckpt_dir / f'.tmp-step-{step:06d}-{os.getpid()}'
-        shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
-        write(tmp)
-        if final.exists(): shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in self.checkpoints()[:-keep]: shutil.rmtree(old, ignore_errors=True)
-        return final
-
-    def truncate_log(self, step: int):
-        "Keep the records of steps before `step` and the evaluation at `step` (the checkpointed state), atomically; drop unreadable lines."
-        keep = lambda r: r.get('step', -1) < step or ('eval' in r and r['step'] == step)
-        write_atomic(self.metrics_path, ''.join(json.dumps(r) + '\n' for r in read_metrics(self.path) if keep(r)))
-
-def _to_jsonable(o):
-    if isinstance(o, torch.Tensor): return o.tolist()
-    if isinstance(o, (np.generic, np.ndarray)): return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-def write_atomic(path, text: str):
-    "Write `text` to `path` through a temporary file and a rename: readers see the old or the new file, never half."
-    path = Path(path); tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    tmp.write_text(text); os.replace(tmp, path)
-
-def read_metrics(run_dir) -> list[dict]:
-    "The records of a run's metrics.jsonl; unreadable lines (e.g. a truncated last line) are skipped with a warning."
-    path = Path(run_dir) / 'metrics.jsonl'
-    if not path.exists(): return []
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip(): continue
-        try: out.append(json.loads(line))
-        except json.JSONDecodeError: warnings.warn(f"{path}: line {n} is not valid JSON (truncated write?); skipped")
-    return out
-
 # %% ../nbs/07_grpo.ipynb #96009074
 def _step_seed(seed: int, step: int, stream: int = 0, process: int = 0) -> int:
     return (seed * 1_000_003 + step * 7919 + stream * 104_729 + process * 15_485_863) % (2 ** 63)
@@ -298,7 +238,7 @@ class TrainerCore:
         self.acc = Accelerator(cpu=cfg.device == 'cpu', mixed_precision=cfg.mixed_precision)
         if cfg.groups_per_step % self.acc.num_processes:
             raise ValueError(f"groups_per_step ({cfg.groups_per_step}) must divide by the number of processes ({self.acc.num_processes})")
-        self.run = RunDir(cfg.out_dir, asdict(cfg), resume=cfg.resume) if self.acc.is_main_process else None   # only the main process writes
+        self.run = RunDir(cfg.out_dir, asdict(cfg), cfg.resume, resolved_config(parsed)) if self.acc.is_main_process else None   # one writer
         self.acc.wait_for_everyone()
         self.rewards = place_rewards(parsed['rewards'], self.acc.device, cfg.reward_options)
         self.setup(parsed)
@@ -306,8 +246,10 @@ class TrainerCore:
         self.params = self._add_lora()
         # prepared: under fp16 the accelerator's GradScaler unscales (clip_grad_norm_), steps, skips overflows and updates its scale
         self.opt = self.acc.prepare_optimizer(torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay))
-        self.step, self.nonfinite_streak = 0, 0
+        self.step, self.nonfinite_streak, self.idle_streak, self.saved_step = 0, 0, 0, None
         if cfg.resume: self.load_checkpoint()
+        self.acc.wait_for_everyone()                       # the main process has cut the log back: every process reads the same
+        self.evaluated = {r['step'] for r in read_metrics(cfg.out_dir) if 'eval' in r}   # a resumed run does not evaluate a step twice
 
     def validate(self, cfg) -> dict: raise NotImplementedError("a trainer checks its config and returns parse_run's dict")
     def setup(self, parsed: dict): "The method's own state (built before the model loads)."
@@ -386,6 +328,7 @@ class RunStopped(RuntimeError):
     "A fault that stops a run; the trainer writes a checkpoint before it propagates."
 
 MAX_NONFINITE_STEPS = 3
+MAX_IDLE_STEPS = 3        # steps in a row with no finite reward to learn from before a run stops: a broken scorer, not bad luck
 
 def clean_rewards(R: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
     "Non-finite rewards → their group's finite mean (or the objective's, or 0); the mask of samples with all-finite rewards; counts."
@@ -445,6 +388,15 @@ def check_nonfinite_streak(self: TrainerCore, step: int):
                          f"each optimiser step was skipped; stopping")
 
 @patch
+def check_idle(self: TrainerCore, step: int, idle: bool, why: str):
+    "Count steps in a row with nothing to train on; stop the run after `MAX_IDLE_STEPS` of them (a silent no-op run is a fault)."
+    self.idle_streak = self.idle_streak + 1 if idle else 0
+    if self.idle_streak >= MAX_IDLE_STEPS:
+        first = step - self.idle_streak + 1
+        raise RunStopped(f"nothing to train on at {self.idle_streak} steps in a row (steps {first}–{step}): {why}; stopping — "
+                         f"the LoRA has not moved since step {first}")
+
+@patch
 def _gather(self: TrainerCore, R, prompts):
     "All processes' rewards and prompts, in process order (a no-op on one process)."
     if self.acc.num_processes == 1: return R, prompts
@@ -462,6 +414,8 @@ def train_step(self: GRPOTrainer) -> dict:
     R, all_prompts = self._gather(R_local, prompts)
     g = group_ids_for([c.group_size] * (R.shape[0] // c.group_size))
     R, ok, rstats = clean_rewards(R, g)
+    self.check_idle(step, bool(rstats['skipped'].all()) or not bool(ok.any()),
+                    'no objective had a finite reward on any sample (every scorer returned NaN/inf)')
     bal = self.balance.step(R, g)                     # the same balance on every process: all rewards are gathered
     self.last_batch = dict(rewards=R, advantages=bal.advantages, prompts=all_prompts)   # for inspection and tests
     mine = slice(self.acc.process_index * R_local.shape[0], (self.acc.process_index + 1) * R_local.shape[0])
@@ -603,27 +557,51 @@ def save_checkpoint(self: TrainerCore) -> Path | None:
         type(self.pipe).save_lora_weights(folder, transformer_lora_layers=self.lora_state_dict(),   # with its LoraConfig: α/r survives
                                           transformer_lora_adapter_metadata=self.pipe.transformer.peft_config['default'].to_dict())
         scaler = {} if self.acc.scaler is None else dict(scaler=self.acc.scaler.state_dict())
-        torch.save(dict(step=self.step, optimizer=self.opt.state_dict(), **scaler, **self.extra_state(),
-                        rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())),
-                   folder / 'trainer_state.pt')
+        save_state(folder / 'trainer_state.pt', dict(step=self.step, optimizer=self.opt.state_dict(), **scaler, **self.extra_state(),
+                                                     rng=rng_state()))   # tensors, numbers, lists: loads with weights_only=True
+    self.saved_step = self.step
     return self.run.save_checkpoint(self.step, write)
 
 # %% ../nbs/07_grpo.ipynb #72699dc3
 @patch
 def load_checkpoint(self: TrainerCore):
-    "Continue from the last complete checkpoint (if any): weights, optimiser, the method's state; the log is cut back to it."
-    ckpts = sorted(p for p in (Path(self.cfg.out_dir) / 'checkpoints').glob('step-*') if p.is_dir())   # every process reads
-    if not ckpts: return
-    from peft.utils import set_peft_model_state_dict
+    """Continue from the newest checkpoint that loads (weights, optimiser, the method's state, RNG); one that does not is
+    named and set aside, and the previous one is tried. The log is cut back to the resumed step (step 0 without any)."""
+    bad = []
+    for ckpt in reversed(list_checkpoints(self.cfg.out_dir)):             # every process reads: all pick the same one
+        try: lora, st = read_checkpoint(ckpt)
+        except Exception as e:
+            bad.append((ckpt, str(e))); warnings.warn(f"resume: {e}; trying the previous checkpoint"); continue
+        self._apply_checkpoint(lora, st); break
+    else:
+        if bad: raise RunDirError(f"no checkpoint of {self.cfg.out_dir} can be loaded: " + '; '.join(m for _, m in bad) +
+                                  "; delete them (or the folder) to start again, or resume=False with another out_dir")
+    self.acc.wait_for_everyone()
+    if self.run is not None:
+        for ckpt, why in bad: self.run.set_aside(ckpt, why)
+        self.run.truncate_log(self.step)
+
+def read_checkpoint(ckpt: Path) -> tuple[dict, dict]:
+    "A checkpoint's LoRA tensors and trainer state, both read in full before anything is applied; a bad file is named."
     from safetensors.torch import load_file
-    lora = load_file(ckpts[-1] / 'pytorch_lora_weights.safetensors')
+    files = dict(lora=ckpt / 'pytorch_lora_weights.safetensors', state=ckpt / 'trainer_state.pt')
+    for f in files.values():
+        if not f.is_file(): raise RunDirError(f"{f} is missing")
+    try: lora = load_file(files['lora'])
+    except Exception as e: raise RunDirError(f"{files['lora']} cannot be read ({type(e).__name__}: {e})") from e
+    st = load_state(files['state'])
+    missing = [k for k in ('step', 'optimizer', 'rng') if k not in st]
+    if missing: raise RunDirError(f"{files['state']} lacks {missing}: not a trainer state")
+    return lora, st
+
+@patch
+def _apply_checkpoint(self: TrainerCore, lora: dict, st: dict):
+    from peft.utils import set_peft_model_state_dict
     set_peft_model_state_dict(self.pipe.transformer, {k.removeprefix('transformer.'): v for k, v in lora.items()})
-    st = torch.load(ckpts[-1] / 'trainer_state.pt', weights_only=False)
     self.opt.load_state_dict(st['optimizer']); self.load_extra_state(st)
     if self.acc.scaler is not None and 'scaler' in st: self.acc.scaler.load_state_dict(st['scaler'])
-    torch.set_rng_state(st['rng']['torch']); np.random.set_state(st['rng']['numpy']); random.setstate(st['rng']['python'])
-    self.step = st['step']
-    if self.run is not None: self.run.truncate_log(self.step)
+    set_rng_state(st['rng'])
+    self.step = self.saved_step = st['step']
 
 # %% ../nbs/07_grpo.ipynb #0398013f
 @patch
@@ -636,6 +614,7 @@ def evaluate(self: TrainerCore) -> dict:
     R = self.score(traj.images, self.eval_prompts, self.step)
     rec = dict(step=self.step, eval=dict(zip(self.names, R.mean(0).tolist())), eval_std=dict(zip(self.names, R.std(0, correction=0).tolist())),
                prompts=list(self.eval_prompts))
+    self.evaluated.add(self.step)
     if self.run is not None:
         save_grid(traj.images, self.run.path / 'eval' / f'step-{self.step:06d}.png')
         self.run.log(rec)
@@ -645,22 +624,26 @@ def evaluate(self: TrainerCore) -> dict:
 # %% ../nbs/07_grpo.ipynb #4b705200
 @patch
 def train(self: TrainerCore) -> Path | None:
-    "Run until `cfg.steps`, checkpointing every `save_every` steps and at the end; evaluate every `eval_every` (and first at step 0) and at the end."
+    """Run until `cfg.steps`, checkpointing every `save_every` steps and at the end; evaluate every `eval_every` (and first at
+    step 0) and at the end. A resumed run evaluates no step twice; a finished one resumed does nothing. The folder is released at the end."""
     from tqdm.auto import tqdm
     c = self.cfg
-    if c.eval_every and self.step == 0: self.evaluate()     # the baseline that later evaluations are compared with
-    bar = tqdm(total=c.steps, initial=self.step, desc=self.desc, disable=not self.acc.is_main_process)
-    while self.step < c.steps:
-        try: rec = self.train_step()
-        except RunStopped:
-            self.save_checkpoint()                          # the state before the failed step: resume retries it
-            raise
-        bar.update(); bar.set_postfix(self.postfix(rec))
-        if c.save_every and self.step % c.save_every == 0: self.save_checkpoint()
-        if c.eval_every and self.step % c.eval_every == 0: self.evaluate()
-    bar.close()
-    if not (c.save_every and self.step % c.save_every == 0): self.save_checkpoint()
-    if not (c.eval_every and self.step % c.eval_every == 0): self.evaluate()
+    try:
+        if c.eval_every and self.step == 0 and 0 not in self.evaluated: self.evaluate()   # the baseline later evaluations are compared with
+        bar = tqdm(total=c.steps, initial=min(self.step, c.steps), desc=self.desc, disable=not self.acc.is_main_process)
+        while self.step < c.steps:
+            try: rec = self.train_step()
+            except RunStopped:
+                self.save_checkpoint()                      # the state before the failed step: resume retries it
+                raise
+            bar.update(); bar.set_postfix(self.postfix(rec))
+            if c.save_every and self.step % c.save_every == 0: self.save_checkpoint()
+            if c.eval_every and self.step % c.eval_every == 0: self.evaluate()
+        bar.close()
+        if self.saved_step != self.step: self.save_checkpoint()
+        if self.step not in self.evaluated: self.evaluate()
+    finally:
+        if self.run is not None: self.run.close()
     return None if self.run is None else self.run.path
 
 # %% ../nbs/07_grpo.ipynb #0d122a2c

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 from .core import check_choice
+from .runs import save_state, load_state
 from .rewards import SIGN_WORDS, sign_prompt
 from .sd3 import TINY_SIZE, tiny_sd3_components
 
@@ -160,17 +161,13 @@ def caption_dropout(captions, p: float, generator=None) -> list[str]:
 
 # %% ../nbs/10_pretrain.ipynb #4ceac381
 def save_checkpoint(path, state: dict) -> None:
-    "torch.save `state` to `path` atomically (temp file in the same folder, then os.replace)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'{path.stem}-tmp-', suffix='.pt')   # torch's zip writer needs a name stem
-    os.close(fd)
-    try: torch.save(state, tmp); os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.remove(tmp)
+    "Save `state` (tensors, numbers, lists, dicts) to `path` atomically and durably; errors in plain words (`runs.save_state`)."
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_state(path, state, 'pretraining checkpoint')
 
 def load_checkpoint(path) -> dict | None:
-    "The checkpoint at `path`, or None if there is none."
-    return torch.load(path, weights_only=False) if Path(path).exists() else None
+    "The checkpoint at `path` (loaded with weights_only=True: a file that asks to run code is refused), or None if there is none."
+    return load_state(path) if Path(path).exists() else None
 
 def lr_at(step: int, steps: int, lr: float, warmup: int = 50, floor: float = 0.1) -> float:
     "Linear warm-up over `warmup` steps, then cosine decay from `lr` to `floor`·`lr` at `steps`."

@@ -1,6 +1,6 @@
 """Reliability (issue 9): bad input fails before any model loads, interrupted checkpoint writes and truncated log lines
 lose nothing, faults in rewards and losses are handled as documented in the README's Reliability section."""
-import json, math, warnings
+import json, math, os, warnings
 from pathlib import Path
 import pytest
 import torch
@@ -55,12 +55,15 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
     tr.train()                                                        # checkpoints step-1, step-2
     real_save = torch.save
     def dies_halfway(obj, f, *a, **k):
-        Path(f).write_bytes(b"half a checkpoint"); raise KeyboardInterrupt("killed while writing")
+        if isinstance(f, (str, os.PathLike)): Path(f).write_bytes(b"half a checkpoint")
+        else: f.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed while writing")
     monkeypatch.setattr(torch, "save", dies_halfway)
     tr.step = 3
     with pytest.raises(KeyboardInterrupt): tr.save_checkpoint()
     monkeypatch.setattr(torch, "save", real_save)
     assert [p.name for p in tr.run.checkpoints()] == ["step-000001", "step-000002"]
+    tr.run.close()                                                     # the killed writer's folder is free again
     resumed = GRPOTrainer(GRPOConfig(**{**FAST, "steps": 2}, out_dir=str(out), resume=True))
     assert resumed.step == 2                                           # the last complete checkpoint loads
 
