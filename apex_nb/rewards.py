@@ -4,7 +4,8 @@
 
 # %% ../nbs/05_rewards.ipynb #96b8cfcb
 from __future__ import annotations
-import base64, io, json, math, os, re, shutil, subprocess, threading, urllib.error, urllib.request, warnings
+import base64, binascii, http.client, io, json, math, os, re, shutil, socket, socketserver, struct, subprocess, threading, time
+import urllib.parse, warnings
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -15,12 +16,13 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from .core import Registry, check_choice
 
 # %% auto #0
-__all__ = ['REWARDS', 'TESSERACT_IMAGE_ERRORS', 'DTYPES', 'PROMPT_SETS', 'SIGN_WORDS', 'to_pil_list', 'Reward', 'register_reward',
-           'get_reward', 'quoted_text', 'levenshtein', 'ocr_similarity', 'upscale_to', 'render_text', 'tesseract_ocr',
-           'check_tesseract', 'OcrReward', 'jpeg_size_kb', 'JpegIncompressibility', 'JpegCompressibility',
-           'colorfulness', 'Colorfulness', 'laplacian_variance', 'Sharpness', 'make_brisque_model', 'Brisque',
-           'RewardError', 'score_batch', 'submit_scoring', 'resolve_dtype', 'ModelNotAvailable', 'load_pretrained',
-           'load_clip', 'ClipScore', 'PickScore', 'AestheticMLP', 'load_aesthetic_mlp', 'Aesthetic', 'encode_images',
+__all__ = ['REWARDS', 'TESSERACT_IMAGE_ERRORS', 'DTYPES', 'IMAGE_FORMATS', 'PROMPT_SETS', 'SIGN_WORDS', 'to_pil_list', 'Reward',
+           'register_reward', 'get_reward', 'quoted_text', 'levenshtein', 'ocr_similarity', 'upscale_to', 'render_text',
+           'tesseract_ocr', 'check_tesseract', 'OcrReward', 'jpeg_size_kb', 'JpegIncompressibility',
+           'JpegCompressibility', 'colorfulness', 'Colorfulness', 'laplacian_variance', 'Sharpness',
+           'make_brisque_model', 'Brisque', 'RewardError', 'score_batch', 'submit_scoring', 'resolve_dtype',
+           'ModelNotAvailable', 'load_pretrained', 'load_clip', 'ClipScore', 'PickScore', 'AestheticMLP',
+           'load_aesthetic_mlp', 'Aesthetic', 'encode_images', 'RequestRefused', 'sniff_format', 'check_encoded_image',
            'decode_images', 'RewardServer', 'post_scores', 'DeQA', 'deqa_score_fn', 'sign_prompt', 'load_prompts']
 
 # %% ../nbs/05_rewards.ipynb #b0957f8d
@@ -48,15 +50,52 @@ def to_pil_list(images) -> list[Image.Image]:
 # %% ../nbs/05_rewards.ipynb #a92d1857
 REWARDS = Registry('reward')
 
+# Checks of option values: `check(what, value)` raises a `ValueError` naming the option, the valid range and the value.
+def _is_int(v) -> bool: return isinstance(v, (int, np.integer)) and not isinstance(v, bool)   # True is an int to Python, not to us
+def _is_number(v) -> bool: return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+def _int_in(lo: int, hi: int | None = None) -> Callable:
+    "A check of an integer option (not a bool) in lo..hi (no upper end when `hi` is None)."
+    valid = f"an integer in {lo}..{hi}" if hi is not None else f"an integer >= {lo}"
+    def check(what, v):
+        if not _is_int(v) or v < lo or (hi is not None and v > hi): raise ValueError(f"{what} must be {valid}, got {v!r}")
+    return check
+
+def _positive(what, v):
+    "A check of a finite number > 0 (a scale, a divisor)."
+    if not _is_number(v) or not math.isfinite(v) or v <= 0: raise ValueError(f"{what} must be a finite number > 0, got {v!r}")
+
+def _finite(what, v):
+    if not _is_number(v) or not math.isfinite(v): raise ValueError(f"{what} must be a finite number, got {v!r}")
+
+def _seconds(what, v):
+    "A check of a deadline: finite seconds > 0 (None, 0 or inf would mean waiting forever on a stuck process or server)."
+    if not _is_number(v) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{what} must be a number of seconds > 0 (finite: a deadline, never 'wait forever'), got {v!r}")
+
+def _flag(what, v):
+    if not isinstance(v, (bool, np.bool_)): raise ValueError(f"{what} must be True or False, got {v!r}")
+
+def _text(what, v):
+    "A check of a non-empty string (or path) without surrounding blanks."
+    if not isinstance(v, (str, os.PathLike)) or not str(v).strip() or str(v) != str(v).strip():
+        raise ValueError(f"{what} must be a non-empty string without surrounding blanks, got {v!r}")
+
+def _optional(check: Callable) -> Callable:
+    "`check`, or None."
+    return lambda what, v: None if v is None else check(what, v)
+
 class Reward:
     "A batch scorer: `reward(images, prompts, metadata=None) -> float32 tensor [N]`, higher is better."
     name: str = ''
     range: tuple[float, float] | None = None   # (low, high), ±inf for an open end; None when unbounded/unknown
     note: str = ''
     defaults: dict = {}
+    checks: dict = {}      # option → check(what, value): values are refused when the reward is built, before any model loads
     def __init__(self, **options):
         for k in options: check_choice(f"option of reward {self.name!r}:", k, self.defaults)
         self.options = {**self.defaults, **options}
+        for k, check in self.checks.items(): check(f"option {k} of reward {self.name!r}", self.options[k])
         for k, v in self.options.items(): setattr(self, k, v)
         self._loaded, self._lock = False, threading.Lock()
     def load(self) -> 'Reward':
@@ -134,11 +173,21 @@ def render_text(text: str, size: tuple[int, int] = (512, 128), font_size: int | 
 # %% ../nbs/05_rewards.ipynb #819f5e67
 TESSERACT_IMAGE_ERRORS = ('Image too small to scale',)   # messages of tesseract aborting on one image, not on every image
 
-def tesseract_ocr(img: Image.Image, lang: str = 'eng', psm: int = 11, cmd: str = 'tesseract', threads: int = 1) -> str:
-    "The text tesseract reads in `img` (page segmentation mode `psm`, `threads` OpenMP threads)."
+def _tesseract_timed_out(cmd, timeout: float, what: str) -> TimeoutError:
+    return TimeoutError(f"the ocr reward's tesseract ({cmd}) gave no answer within its deadline of {timeout:g} s {what} and was killed; "
+                        f"if the machine is just slow or busy, raise the deadline with the ocr reward's timeout= option "
+                        f"(e.g. reward_options={{'ocr': {{'timeout': {2 * timeout:g}}}}}); if it always hangs, check the "
+                        f"binary by hand: {cmd} --version")
+
+def tesseract_ocr(img: Image.Image, lang: str = 'eng', psm: int = 11, cmd: str = 'tesseract', threads: int = 1,
+                  timeout: float = 60.0) -> str:
+    "The text tesseract reads in `img` (page segmentation mode `psm`, `threads` OpenMP threads), killed after `timeout` s."
     buf = io.BytesIO(); img.save(buf, format='PNG')
     env = {**os.environ, 'OMP_THREAD_LIMIT': str(threads)}
-    run = subprocess.run([cmd, 'stdin', 'stdout', '-l', lang, '--psm', str(psm)], input=buf.getvalue(), capture_output=True, env=env)
+    try: run = subprocess.run([cmd, 'stdin', 'stdout', '-l', lang, '--psm', str(psm)], input=buf.getvalue(),
+                              capture_output=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as e:   # a hung tesseract would hold the training step forever
+        raise _tesseract_timed_out(cmd, timeout, f"on one {img.width}×{img.height} image") from e
     if run.returncode != 0:
         err = run.stderr.decode(errors='replace')
         # tesseract aborts (SIGFPE) on some degenerate layouts of blobs — seen on apex-tiny samples during GRPO. That image
@@ -147,25 +196,36 @@ def tesseract_ocr(img: Image.Image, lang: str = 'eng', psm: int = 11, cmd: str =
         raise RuntimeError(f"tesseract failed (exit {run.returncode}): {err[-300:]}")
     return run.stdout.decode('utf-8', errors='replace')
 
-def check_tesseract(cmd: str = 'tesseract', lang: str = 'eng') -> str:
+def check_tesseract(cmd: str = 'tesseract', lang: str = 'eng', timeout: float = 60.0) -> str:
     "Path of the tesseract binary `cmd` with language data `lang` installed, else a `RuntimeError` saying how to install."
     path = shutil.which(cmd)
     if path is None:
         raise RuntimeError(f"the ocr reward needs the tesseract binary, but {cmd!r} was not found on PATH; install it with: "
                            f"apt-get install tesseract-ocr tesseract-ocr-eng (Debian/Ubuntu), or pass tesseract_cmd='/path/to/tesseract'")
-    listing = subprocess.run([path, '--list-langs'], capture_output=True, text=True).stdout.splitlines()
+    try: listing = subprocess.run([path, '--list-langs'], capture_output=True, text=True, timeout=timeout).stdout.splitlines()
+    except subprocess.TimeoutExpired as e: raise _tesseract_timed_out(path, timeout, "listing its languages") from e
     have = [l.strip() for l in listing[1:] if l.strip()]      # first line: 'List of available languages in ...'
     for l in lang.split('+'):
         if l not in have: raise RuntimeError(f"tesseract has no language data {l!r} (installed: {', '.join(have)}); "
                                              f"install it with: apt-get install tesseract-ocr-{l}")
     return path
 
+def _check_psm(what, v):
+    "tesseract's page segmentation modes are 0..13 (`tesseract --help-psm`); two of them read no text."
+    if not _is_int(v) or not 0 <= v <= 13 or v in (0, 2):
+        raise ValueError(f"{what} must be a tesseract page segmentation mode 1 or 3..13, got {v!r}: 0 (orientation and script "
+                         f"detection only) reads no text and 2 is not implemented; for rendered words use 11 (sparse text, the "
+                         f"default), 7 (one line), 8 (one word), 6 (one block) or 13 (raw line); 1 and 12 also need osd.traineddata "
+                         f"(see tesseract --help-psm)")
+
 @register_reward
 class OcrReward(Reward):
     name, range = 'ocr', (0.0, 1.0)
     note = "text rendering: 1 − normalised Levenshtein distance between tesseract's reading and the prompt's quoted text"
-    defaults = dict(lang='eng', psm=11, min_side=128, workers=1, threads=1, tesseract_cmd='tesseract')
-    def _load(self): self.binary = check_tesseract(self.tesseract_cmd, self.lang)
+    defaults = dict(lang='eng', psm=11, min_side=128, workers=1, threads=1, tesseract_cmd='tesseract', timeout=60.0)
+    checks = dict(lang=_text, psm=_check_psm, min_side=_int_in(1), workers=_int_in(1), threads=_int_in(1),
+                  tesseract_cmd=_text, timeout=_seconds)
+    def _load(self): self.binary = check_tesseract(self.tesseract_cmd, self.lang, self.timeout)
     def check_prompts(self, prompts):
         for i, p in enumerate(prompts):
             if quoted_text(p) is None:
@@ -174,7 +234,7 @@ class OcrReward(Reward):
     def read(self, img: Image.Image) -> str:
         "The text in `img` (upscaled to `min_side` first)."
         self.load()
-        return tesseract_ocr(upscale_to(img, self.min_side), self.lang, self.psm, self.binary, self.threads)
+        return tesseract_ocr(upscale_to(img, self.min_side), self.lang, self.psm, self.binary, self.threads, self.timeout)
     def score(self, images, prompts, metadata):
         if self.workers > 1:
             with ThreadPoolExecutor(self.workers) as pool: texts = list(pool.map(self.read, images))
@@ -191,7 +251,7 @@ def jpeg_size_kb(img: Image.Image, quality: int = 95) -> float:
 class JpegIncompressibility(Reward):
     name, range = 'jpeg_incompressibility', (0.0, math.inf)
     note = "JPEG (q95) file size in kB: more fine detail/noise → higher (DDPO)"
-    defaults = dict(quality=95)
+    defaults, checks = dict(quality=95), dict(quality=_int_in(0, 100))      # Pillow's JPEG quality scale
     def score(self, images, prompts, metadata): return [jpeg_size_kb(im, self.quality) for im in images]
 
 @register_reward
@@ -199,6 +259,7 @@ class JpegCompressibility(Reward):
     name, range = 'jpeg_compressibility', (-math.inf, 0.0)
     note = "−(JPEG q95 size in kB)/500: simpler, flatter images → higher (DDPO sign, Flow-GRPO scale)"
     defaults = dict(quality=95, scale=500.0)
+    checks = dict(quality=_int_in(0, 100), scale=_positive)
     def score(self, images, prompts, metadata): return [-jpeg_size_kb(im, self.quality) / self.scale for im in images]
 
 # %% ../nbs/05_rewards.ipynb #6a1319fa
@@ -251,6 +312,7 @@ class Brisque(Reward):
     name, range = 'brisque', None
     note = "−BRISQUE no-reference quality (≈−100 heavily distorted … ≈0 pristine; higher is better); images < 64 px upscaled"
     defaults = dict(min_side=64, undefined_score=-100.0)
+    checks = dict(min_side=_int_in(1), undefined_score=_finite)
     def _load(self): self.model = make_brisque_model()
     def one(self, img: Image.Image) -> float:
         with np.errstate(all='ignore'), warnings.catch_warnings():
@@ -294,6 +356,16 @@ def resolve_dtype(dtype) -> torch.dtype:
     "A torch dtype from a name in `DTYPES` or a dtype."
     return dtype if isinstance(dtype, torch.dtype) else DTYPES[check_choice('dtype', dtype, DTYPES)]
 
+def _dtype_option(what, v):
+    if not isinstance(v, torch.dtype) and not (isinstance(v, str) and v in DTYPES):   # str first: a list is unhashable
+        raise ValueError(f"{what} must be one of {', '.join(DTYPES)} (or a torch.dtype), got {v!r}")
+
+def _device_option(what, v):
+    "A device torch can parse ('cpu', 'cuda', 'cuda:1', 'meta', ...); whether it exists is only known when the model moves there."
+    try: torch.device(v)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{what} must be a torch device such as 'cpu', 'cuda', 'cuda:1' or 'mps', got {v!r}") from None
+
 class ModelNotAvailable(OSError):
     "Model weights could not be found (offline, not cached, or no such directory); the message says how to provide them."
 
@@ -325,6 +397,8 @@ class ClipScore(Reward):
     note = "CLIP cosine similarity of image and prompt embeddings, in [−1, 1]"
     defaults = dict(model='openai/clip-vit-large-patch14', processor=None, device='cpu', dtype='float32',
                     local_files_only=False, batch_size=32)
+    checks = dict(model=_text, processor=_optional(_text), device=_device_option, dtype=_dtype_option, local_files_only=_flag,
+                  batch_size=_int_in(1))
     def _load(self):
         self.clip, self.clip_processor = load_clip(self.model, self.processor, self.device, self.dtype, self.local_files_only)
     @torch.no_grad()
@@ -354,6 +428,7 @@ class PickScore(ClipScore):
     note = "PickScore_v1 human-preference score ÷ 26 (Flow-GRPO's scale; SD3.5-M ≈ 0.84, i.e. 21.7/26)"
     defaults = {**ClipScore.defaults, 'model': 'yuvalkirstain/PickScore_v1',
                 'processor': 'laion/CLIP-ViT-H-14-laion2B-s32B-b79K', 'divisor': 26.0}
+    checks = {**ClipScore.checks, 'divisor': _positive}
     def score(self, images, prompts, metadata):
         return self.clip.logit_scale.exp().float() * self.cosine(images, prompts) / self.divisor
 
@@ -386,6 +461,7 @@ class Aesthetic(ClipScore):
     name, range = 'aesthetic', None
     note = "LAION improved-aesthetic MLP on CLIP ViT-L/14 image embeddings (≈1–10, higher = more aesthetic)"
     defaults = {**ClipScore.defaults, 'mlp': None}
+    checks = {**ClipScore.checks, 'mlp': _optional(_text)}
     def _load(self):
         if self.mlp is None: raise ModelNotAvailable("the aesthetic reward needs the MLP weights: pass mlp='/path/to/sac+logos+ava1-l14-linearMSE.pth'")
         super()._load()
@@ -401,59 +477,285 @@ def encode_images(images: Sequence[Image.Image]) -> list[str]:
         buf = io.BytesIO(); im.save(buf, format='PNG'); out.append(base64.b64encode(buf.getvalue()).decode('ascii'))
     return out
 
-def decode_images(data: Sequence[str]) -> list[Image.Image]:
-    "RGB images from base64 PNG/JPEG strings."
-    return [Image.open(io.BytesIO(base64.b64decode(s))).convert('RGB') for s in data]
+IMAGE_FORMATS = ('PNG', 'JPEG')   # all a reward server decodes: Pillow's other formats only add risk (EPS runs Ghostscript)
+_PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+_JPEG_SOF = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}   # JPEG start-of-frame markers (they carry the size); C4, C8, CC are not frames
+_OTHER_MAGIC = [   # leading bytes of formats we refuse, so that the error can name them
+    (b'GIF87a', 'GIF'), (b'GIF89a', 'GIF'), (b'BM', 'BMP'), (b'%!PS', 'EPS/PostScript'), (b'\xc5\xd0\xd3\xc6', 'EPS (DOS binary)'),
+    (b'II*\x00', 'TIFF'), (b'MM\x00*', 'TIFF'), (b'%PDF', 'PDF'), (b'\x00\x00\x01\x00', 'ICO'), (b'8BPS', 'PSD'),
+    (b'\x00\x00\x00\x0cjP  ', 'JPEG 2000'), (b'\xff\x4f\xff\x51', 'JPEG 2000'), (b'qoif', 'QOI'), (b'<?xml', 'XML/SVG'), (b'<svg', 'SVG')]
+
+class RequestRefused(ValueError):
+    "A request (or an image in it) a reward server refuses; `status` is the HTTP status of the answer."
+    def __init__(self, status: int, message: str): super().__init__(message); self.status = status
+
+def sniff_format(data: bytes) -> str | None:
+    "'PNG', 'JPEG', the name of another recognised format, or None, from an encoded image's first bytes."
+    if data.startswith(_PNG_MAGIC): return 'PNG'
+    if data.startswith(b'\xff\xd8\xff'): return 'JPEG'
+    if data[:4] == b'RIFF' and data[8:12] == b'WEBP': return 'WEBP'
+    if data[4:12] in (b'ftypavif', b'ftypheic', b'ftypheix', b'ftypmif1'): return 'AVIF/HEIF'
+    return next((name for magic, name in _OTHER_MAGIC if data.startswith(magic)), None)
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    "(width, height) from the IHDR chunk, which the PNG spec requires to come first."
+    if len(data) < 24 or data[12:16] != b'IHDR': raise ValueError("PNG without an IHDR header chunk")
+    return struct.unpack('>II', data[16:24])
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    "(width, height) from the first start-of-frame segment, walking the JPEG markers (no pixel data is touched)."
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF: raise ValueError(f"JPEG marker expected at byte {i}")
+        marker = data[i + 1]
+        if marker == 0xFF: i += 1; continue                                  # fill byte
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8: i += 2; continue          # markers without a length
+        if marker in (0xD9, 0xDA): raise ValueError("JPEG without a frame header before its scan data")
+        seg_len = struct.unpack('>H', data[i + 2:i + 4])[0]
+        if seg_len < 2: raise ValueError(f"JPEG segment with a bad length at byte {i}")
+        if marker in _JPEG_SOF:
+            if i + 9 > n: break
+            height, width = struct.unpack('>HH', data[i + 5:i + 9])
+            return width, height
+        i += 2 + seg_len
+    raise ValueError("JPEG header is truncated (no frame header found)")
+
+def check_encoded_image(i: int, data: bytes, max_pixels: int) -> int:
+    "Pixels of PNG/JPEG image `i`, read from its header alone; `RequestRefused` for another format, a bad header or > `max_pixels`."
+    fmt = sniff_format(data)
+    if fmt not in IMAGE_FORMATS:
+        what = fmt or f"an unrecognised format (first bytes {data[:8]!r})"
+        raise RequestRefused(400, f"image {i} is {what}; only {' and '.join(IMAGE_FORMATS)} are accepted")
+    try: w, h = _png_size(data) if fmt == 'PNG' else _jpeg_size(data)
+    except (ValueError, struct.error) as e: raise RequestRefused(400, f"image {i}: bad {fmt} header: {e}") from None
+    if w <= 0 or h <= 0: raise RequestRefused(400, f"image {i}: {fmt} header declares an empty image ({w}×{h})")
+    if w * h > max_pixels:   # a few bytes of PNG/JPEG can declare gigabytes of pixels (decompression bomb)
+        raise RequestRefused(413, f"image {i}: {fmt} header declares {w}×{h} = {w * h} pixels, above the limit of {max_pixels} "
+                                  f"(max_pixels); refused before decoding")
+    return w * h
+
+def _b64decode(i: int, s) -> bytes:
+    if not isinstance(s, str): raise RequestRefused(400, f"image {i} is a JSON {type(s).__name__}, expected a base64 string")
+    try: return base64.b64decode(s, validate=True)
+    except (binascii.Error, ValueError) as e: raise RequestRefused(400, f"image {i} is not valid base64: {e}") from None
+
+def _decode_one(i: int, data: bytes, max_pixels: int) -> Image.Image:
+    "RGB image from PNG/JPEG bytes whose header passed `check_encoded_image`."
+    try:
+        im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)   # lazy: reads the header; only the PNG and JPEG plugins may try
+        if im.width * im.height > max_pixels:                     # Pillow's reading of the size, checked again before decoding
+            raise RequestRefused(413, f"image {i}: {im.width}×{im.height} pixels, above the limit of {max_pixels} (max_pixels)")
+        return im.convert('RGB')                                  # decodes
+    except RequestRefused: raise
+    except Image.DecompressionBombError as e: raise RequestRefused(413, f"image {i} refused by Pillow: {e}") from None
+    except Exception as e:   # truncated or corrupt data: Pillow raises OSError, SyntaxError, ValueError, ...
+        raise RequestRefused(400, f"image {i}: cannot decode it: {type(e).__name__}: {e}") from None
+
+def decode_images(data: Sequence[str], max_pixels: int = 4096 * 4096) -> list[Image.Image]:
+    "RGB images from base64 PNG/JPEG strings; another format, a bad header or more than `max_pixels` pixels → `RequestRefused` before decoding."
+    blobs = [_b64decode(i, s) for i, s in enumerate(data)]
+    for i, b in enumerate(blobs): check_encoded_image(i, b, max_pixels)
+    return [_decode_one(i, b, max_pixels) for i, b in enumerate(blobs)]
+
+def _parse_score_request(body: bytes, limits: dict) -> tuple[list[Image.Image], list[str]]:
+    "The images and prompts of a /score request body, every image checked from its header before any is decoded."
+    try: req = json.loads(body)
+    except ValueError as e: raise RequestRefused(400, f"the request body is not JSON: {e}") from None
+    if not isinstance(req, dict) or not isinstance(req.get('images'), list):
+        raise RequestRefused(400, 'expected a JSON object {"images": [base64 PNG or JPEG, ...], "prompts": [str, ...]}')
+    images, prompts = req['images'], req.get('prompts')
+    if len(images) > limits['max_images']:
+        raise RequestRefused(413, f"{len(images)} images in one request, above the limit of {limits['max_images']} (max_images)")
+    if prompts is None: prompts = [''] * len(images)
+    if not isinstance(prompts, list) or len(prompts) != len(images) or not all(isinstance(p, str) for p in prompts):
+        raise RequestRefused(400, f'"prompts" must be a list with one entry per image ({len(images)} images), of strings')
+    blobs = [_b64decode(i, s) for i, s in enumerate(images)]
+    total = sum(check_encoded_image(i, b, limits['max_pixels']) for i, b in enumerate(blobs))
+    if total > limits['max_request_pixels']:   # many small bombs add up: decoded RGB takes 3 bytes a pixel
+        raise RequestRefused(413, f"{total} pixels in one request, above the limit of {limits['max_request_pixels']} "
+                                  f"(max_request_pixels); send fewer or smaller images per request")
+    return [_decode_one(i, b, limits['max_pixels']) for i, b in enumerate(blobs)], prompts
+
+def _drain_and_close(sock, budget: int, seconds: float):
+    "Half-close, then read away up to `budget` unread request bytes for `seconds`, so that the client reads our answer, not a reset."
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        end = time.monotonic() + seconds
+        while budget > 0 and time.monotonic() < end:
+            sock.settimeout(max(0.05, end - time.monotonic()))
+            chunk = sock.recv(1 << 16)
+            if not chunk: break
+            budget -= len(chunk)
+    except OSError: pass
 
 class _ScoreHandler(BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.0'    # one request per connection: its worker is free once the answer is sent
+    def setup(self):
+        self.timeout = self.server.limits['idle_timeout']   # socketserver puts it on the socket: a client idle that long is dropped
+        super().setup()
+        # the idle timeout bounds each read; a client dripping a byte at a time is cut off at the request deadline
+        self._request_in = False
+        self._watchdog = threading.Timer(self.server.limits['request_deadline'], self._too_slow)
+        self._watchdog.daemon = True; self._watchdog.start()
+    def _too_slow(self):
+        if not self._request_in:
+            try: self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError: pass
+    def finish(self):
+        self._watchdog.cancel()
+        try: super().finish()
+        except OSError: pass          # the client went away
     def log_message(self, *args): pass          # quiet: a reward server is polled every step
-    def _reply(self, code: int, payload: dict):
+    def _reply(self, code: int, payload: dict, unread: int = 0):
         body = json.dumps(payload).encode()
-        self.send_response(code); self.send_header('Content-Type', 'application/json')
-        self.send_header('Content-Length', str(len(body))); self.end_headers(); self.wfile.write(body)
-    def do_POST(self):
-        if self.path.rstrip('/') != '/score': return self._reply(404, {'error': f"no endpoint {self.path!r}; POST /score"})
         try:
-            req = json.loads(self.rfile.read(int(self.headers.get('Content-Length', 0))))
-            images = decode_images(req['images'])
-            scores = [float(s) for s in self.server.score_fn(images, list(req.get('prompts') or [''] * len(images)))]
+            self.send_response(code); self.send_header('Content-Type', 'application/json')
+            self.send_header('Content-Length', str(len(body))); self.send_header('Connection', 'close'); self.end_headers()
+            self.wfile.write(body); self.wfile.flush()
+        except OSError: return
+        if unread: _drain_and_close(self.connection, unread, min(self.timeout, 5.0))
+    def send_error(self, code, message=None, explain=None):
+        "The standard library's own errors (bad request line, unsupported method, ...) as JSON too."
+        self.close_connection, self._request_in = True, True
+        self._reply(int(code), {'error': message or self.responses.get(code, ('error',))[0]})
+    def _read_body(self, n: int) -> bytearray:
+        "The `n`-byte request body; `RequestRefused` (408) if the client stops before (idle timeout, request deadline, closed)."
+        body, got = bytearray(n), 0
+        with memoryview(body) as view:
+            try:
+                while got < n:
+                    k = self.rfile.readinto(view[got:got + (1 << 20)])
+                    if not k: break
+                    got += k
+            except OSError: pass      # socket.timeout is an OSError
+        self._request_in = True; self._watchdog.cancel()
+        if got < n: raise RequestRefused(408, f"request body incomplete: {got} of {n} bytes arrived")
+        return body
+    def do_POST(self):
+        lim, length = self.server.limits, self.headers.get('Content-Length')
+        try: declared = int(length) if length is not None else -1
+        except ValueError: declared = -1
+        if self.path.rstrip('/') != '/score':
+            return self._reply(404, {'error': f"no endpoint {self.path!r}; POST /score"}, unread=max(declared, 0))
+        if self.headers.get('Transfer-Encoding') or length is None:
+            return self._reply(411, {'error': "send the body with a Content-Length header (no chunked encoding)"}, unread=lim['max_request_bytes'])
+        if declared < 0: return self._reply(400, {'error': f"bad Content-Length {length!r}"}, unread=lim['max_request_bytes'])
+        if declared > lim['max_request_bytes']:   # refused unread: the body is never held in memory
+            return self._reply(413, {'error': f"request body of {declared} bytes is above the limit of {lim['max_request_bytes']} bytes "
+                                              f"(max_request_bytes); send fewer or smaller images per request"}, unread=declared)
+        try:
+            images, prompts = _parse_score_request(self._read_body(declared), lim)
+            scores = [float(s) for s in self.server.score_fn(images, prompts)]
             if len(scores) != len(images): raise RuntimeError(f"scorer returned {len(scores)} scores for {len(images)} images")
             self._reply(200, {'scores': scores})
+        except RequestRefused as e: self._reply(e.status, {'error': str(e)})
         except Exception as e: self._reply(500, {'error': f"{type(e).__name__}: {e}"})
 
+class _BoundedServer(ThreadingHTTPServer):
+    "A ThreadingHTTPServer with at most `workers` connections in flight: more wait up to `queue_timeout` s for one, then get 503."
+    daemon_threads, request_queue_size = True, 64
+    def __init__(self, address, score_fn: Callable, limits: dict):
+        self.score_fn, self.limits, self.closing = score_fn, limits, threading.Event()
+        self.slots = threading.BoundedSemaphore(limits['workers'])
+        self.reject_slots = threading.BoundedSemaphore(4)      # threads answering 503 at once; beyond that a connection is just closed
+        super().__init__(address, _ScoreHandler)
+    def server_bind(self):     # HTTPServer.server_bind would look the host up in DNS (getfqdn), slow on some machines
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+    def _acquire_slot(self) -> bool:
+        "A free worker within `queue_timeout` s, waiting in short slices so that close() is never held up."
+        end = time.monotonic() + self.limits['queue_timeout']
+        while not self.closing.is_set():
+            if self.slots.acquire(timeout=min(0.1, max(0.0, end - time.monotonic()))): return True
+            if time.monotonic() >= end: return False
+        return False
+    def process_request(self, request, client_address):
+        # the accept loop: while every worker is busy, this connection (and those behind it in the listen backlog) waits here
+        if not self._acquire_slot(): return self._reject_busy(request)
+        try: super().process_request(request, client_address)
+        except Exception: self.slots.release(); raise
+    def process_request_thread(self, request, client_address):
+        try: super().process_request_thread(request, client_address)
+        finally: self.slots.release()
+    def _reject_busy(self, request):
+        if not self.reject_slots.acquire(blocking=False): return self.shutdown_request(request)
+        body = json.dumps({'error': f"server busy: all {self.limits['workers']} workers stayed busy for {self.limits['queue_timeout']:g} s "
+                                    f"(RewardServer workers=, queue_timeout=); retry later"}).encode()
+        head = (f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                f"Retry-After: 5\r\nConnection: close\r\n\r\n").encode()
+        def answer():
+            try: request.settimeout(1.0); request.sendall(head + body); _drain_and_close(request, 1 << 24, 1.0)
+            except OSError: pass
+            finally: self.reject_slots.release(); self.shutdown_request(request)
+        threading.Thread(target=answer, daemon=True).start()
+
 class RewardServer:
-    "Serve `score_fn(images, prompts) -> list[float]` at `POST http://host:port/score` (port 0 = a free port)."
-    def __init__(self, score_fn: Callable, host: str = '127.0.0.1', port: int = 0):
-        self.httpd = ThreadingHTTPServer((host, port), _ScoreHandler)
-        self.httpd.daemon_threads, self.httpd.score_fn, self.thread = True, score_fn, None
+    "Serve `score_fn(images, prompts) -> list[float]` at `POST http://host:port/score` (port 0 = a free port), within limits."
+    def __init__(self, score_fn: Callable, host: str = '127.0.0.1', port: int = 0, *, max_request_bytes: int = 64 << 20,
+                 max_images: int = 256, max_pixels: int = 4096 * 4096, max_request_pixels: int = 64 << 20, workers: int = 4,
+                 queue_timeout: float = 60.0, idle_timeout: float = 30.0, request_deadline: float = 300.0):
+        limits = dict(max_request_bytes=max_request_bytes, max_images=max_images, max_pixels=max_pixels,
+                      max_request_pixels=max_request_pixels, workers=workers, queue_timeout=queue_timeout,
+                      idle_timeout=idle_timeout, request_deadline=request_deadline)
+        for k, v in limits.items(): (_int_in(1) if k.startswith(('max_', 'workers')) else _seconds)(f"RewardServer {k}", v)
+        self.httpd, self.thread = _BoundedServer((host, port), score_fn, limits), None
     @property
     def url(self) -> str: return f"http://{self.httpd.server_address[0]}:{self.httpd.server_address[1]}/score"
     def start(self) -> 'RewardServer':
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True); self.thread.start()
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs=dict(poll_interval=0.1), daemon=True); self.thread.start()
         return self
     def close(self):
+        self.httpd.closing.set()
         if self.thread is not None: self.httpd.shutdown(); self.thread.join()
         self.httpd.server_close()
     def __enter__(self): return self.start()
     def __exit__(self, *exc): self.close()
 
 # %% ../nbs/05_rewards.ipynb #4915a258
-def post_scores(url: str, images: Sequence[Image.Image], prompts: Sequence[str], timeout: float = 120.0, info: dict | None = None) -> list[float]:
-    "Scores of `images` from a reward server at `url` (see `RewardServer`), with clear errors for failures; `info` gets the server's `scorer`."
-    body = json.dumps({'images': encode_images(images), 'prompts': list(prompts)}).encode()
-    req = urllib.request.Request(url, data=body, headers={'Content-Type': 'application/json'})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))   # a reward server is local: never via a proxy
+def _no_answer(url: str, timeout: float) -> TimeoutError:
+    return TimeoutError(f"reward server {url} gave no answer within {timeout:g} s (the deadline of the whole request: connect, send, "
+                        f"answer): a slow model or a stuck server; raise the deqa reward's timeout= option "
+                        f"(e.g. reward_options={{'deqa': {{'timeout': {2 * timeout:g}}}}}) or check the server")
+
+def _post_within(url: str, body: bytes, timeout: float) -> tuple[int, bytes]:
+    "(HTTP status, answer body) of POSTing JSON `body` to `url`, all of it (connect, send, every read) within `timeout` s."
+    u = urllib.parse.urlsplit(url)
+    conn = (http.client.HTTPSConnection if u.scheme == 'https' else http.client.HTTPConnection)(u.hostname, u.port, timeout=timeout)
+    expired, sock = threading.Event(), []
+    def cut():   # the socket timeout bounds each read; this bounds them all (a server dripping its answer never trips the first)
+        expired.set()
+        for s in sock:
+            try: s.shutdown(socket.SHUT_RDWR)
+            except OSError: pass
+    timer = threading.Timer(timeout, cut); timer.daemon = True; timer.start()
     try:
-        with opener.open(req, timeout=timeout) as resp: payload = json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        detail = e.read().decode(errors='replace')[:500]
-        raise RuntimeError(f"reward server {url} answered HTTP {e.code}: {detail}") from e
-    except TimeoutError as e:
-        raise TimeoutError(f"reward server {url} gave no answer within {timeout} s (slow model or stuck server; raise timeout=)") from e
-    except urllib.error.URLError as e:
-        if isinstance(e.reason, TimeoutError):
-            raise TimeoutError(f"reward server {url} gave no answer within {timeout} s (raise timeout=)") from e
-        raise RuntimeError(f"cannot reach reward server {url}: {e.reason}; is it running?") from e
+        conn.connect()
+        sock.append(conn.sock)     # our own reference: http.client drops conn.sock once an HTTP/1.0 answer starts
+        if expired.is_set(): raise TimeoutError("deadline passed while connecting")
+        conn.request('POST', (u.path or '/') + (f'?{u.query}' if u.query else ''), body=body, headers={'Content-Type': 'application/json'})
+        resp = conn.getresponse()
+        status, data = resp.status, resp.read()
+    except (OSError, http.client.HTTPException) as e:
+        if expired.is_set() or isinstance(e, TimeoutError): raise _no_answer(url, timeout) from e
+        raise RuntimeError(f"cannot reach reward server {url}: {e}; is it running?") from e
+    finally: timer.cancel(); conn.close()
+    if expired.is_set(): raise _no_answer(url, timeout)      # cut off while reading an answer without Content-Length
+    return status, data
+
+def _http_url(what, v):
+    u = urllib.parse.urlsplit(v) if isinstance(v, str) else None
+    if u is None or u.scheme not in ('http', 'https') or not u.hostname:
+        raise ValueError(f"{what} must be an http:// or https:// URL of a reward server, e.g. 'http://127.0.0.1:18086/score', got {v!r}")
+
+def post_scores(url: str, images: Sequence[Image.Image], prompts: Sequence[str], timeout: float = 120.0, info: dict | None = None) -> list[float]:
+    "Scores of `images` from a reward server at `url` (see `RewardServer`), all within `timeout` s, with clear errors for failures; `info` gets the server's `scorer`."
+    _seconds('timeout of post_scores', timeout); _http_url('url of post_scores', url)   # before any work: None would wait forever
+    body = json.dumps({'images': encode_images(images), 'prompts': list(prompts)}).encode()
+    status, data = _post_within(url, body, timeout)
+    if not 200 <= status < 300:
+        raise RuntimeError(f"reward server {url} answered HTTP {status}: {data.decode(errors='replace')[:500]}")
+    try: payload = json.loads(data)
+    except ValueError: payload = data.decode(errors='replace')
     scores = payload.get('scores') if isinstance(payload, dict) else None
     if not isinstance(scores, list) or len(scores) != len(images):
         raise RuntimeError(f"reward server {url} sent {str(payload)[:200]!r}, expected {{'scores': [{len(images)} numbers]}}")
@@ -465,6 +767,7 @@ class DeQA(Reward):
     name, range = 'deqa', (1.0, 5.0)
     note = "DeQA-Score image quality (1 bad … 5 excellent), from a reward server over HTTP"
     defaults = dict(url=None, timeout=120.0, batch_size=16)
+    checks = dict(url=_optional(_http_url), timeout=_seconds, batch_size=_int_in(1))
     def _load(self):
         if not self.url: raise ValueError("the deqa reward needs url= of a DeQA reward server, e.g. 'http://127.0.0.1:18086/score' "
                                           "(start one in DeQA-Score's own environment: python scripts/deqa_reward_server.py --port 18086)")
@@ -506,6 +809,15 @@ SIGN_WORDS = ('CAT', 'DOG', 'SUN', 'RUN', 'BOX', 'TOP', 'HAT', 'JAM')
 def sign_prompt(word: str) -> str: return f'"{word}" on a sign'
 PROMPT_SETS['apex-tiny-signs'] = [sign_prompt(w) for w in SIGN_WORDS]
 
+def _read_utf8(path: Path) -> str:
+    "The text of `path` (UTF-8, a leading BOM dropped); another encoding is a `ValueError` naming the file, line and byte."
+    data = path.read_bytes()
+    try: return data.decode('utf-8-sig')
+    except UnicodeDecodeError as e:
+        line = data.count(b'\n', 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text: byte {e.start} is {data[e.start]:#04x} ({e.reason}); save the file as "
+                         f"UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}") from None
+
 def load_prompts(name_or_path) -> list[str]:
     "A built-in prompt set by name, or prompts from a .txt (one per line) / .jsonl (field 'prompt') file."
     if isinstance(name_or_path, str) and name_or_path in PROMPT_SETS: return list(PROMPT_SETS[name_or_path])
@@ -514,7 +826,7 @@ def load_prompts(name_or_path) -> list[str]:
         raise FileNotFoundError(f"no prompt set or file {str(name_or_path)!r}; built-in sets: {', '.join(PROMPT_SETS)}; "
                                 f"or give a .txt (one prompt per line) or .jsonl (field \"prompt\") file")
     check_choice('prompt file type', path.suffix, ['.txt', '.jsonl'])
-    lines = path.read_text(encoding='utf-8').splitlines()
+    lines = _read_utf8(path).splitlines()
     if path.suffix == '.txt': prompts = [l.strip() for l in lines if l.strip()]
     else:
         prompts = []

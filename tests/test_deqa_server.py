@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 import apex_nb.rewards as rewards
 from apex_nb.rewards import get_reward, post_scores
+from image_bombs import png_chunk, png_bomb, jpeg_bomb   # decompression bombs built from headers alone
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "deqa_reward_server.py"
 # The interpreter that runs the script: this one, or e.g. DeQA-Score's own (Python 3.8 + Pillow) via the environment.
@@ -83,20 +84,6 @@ def stand_in(im: Image.Image) -> float:
     return 1 + 4 * np.asarray(im.convert("RGB"), dtype=np.float64).mean() / 255
 
 
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def png_bomb(w=100_000, h=100_000) -> bytes:
-    "A valid PNG header declaring w×h RGB pixels (30 GB decoded), with a few bytes of pixel data."
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + png_chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + png_chunk(b"IEND", b""))
-
-
-def jpeg_bomb(w=65_000, h=65_000) -> bytes:
-    "A JPEG whose baseline frame header (SOF0) declares w×h pixels."
-    sof = struct.pack(">BHHB", 8, h, w, 3) + b"".join(bytes([i, 0x11, 0]) for i in (1, 2, 3))
-    return b"\xff\xd8" + b"\xff\xc0" + struct.pack(">H", 2 + len(sof)) + sof + b"\xff\xd9"
 
 
 # ---------------------------------------------------------------------------------------------- the script itself
