@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_grpo.ipynb #3ff8a7ae
 from __future__ import annotations
-import contextlib, dataclasses, json, math, os, random, shutil, time, warnings
+import contextlib, dataclasses, functools, json, math, os, random, re, shutil, time, warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
@@ -19,10 +19,11 @@ from .sd3 import sample_with_logprob, step_log_prob, cat_trajectories
 
 # %% auto #0
 __all__ = ['LORA_TARGETS', 'PRESETS', 'LOSS_KEYS', 'MAX_NONFINITE_STEPS', 'MAX_IDLE_STEPS', 'RunConfig', 'GRPOConfig',
-           'check_fields', 'check_common_fields', 'place_rewards', 'make_rewards', 'parse_run', 'resolved_config',
-           'validate_config', 'build_config', 'make_config', 'split_sizes', 'local_samples', 'sampler_batches',
-           'decode_batches', 'micro_batches', 'ppo_clip_loss', 'kl_to_reference', 'TrainerCore', 'GRPOTrainer',
-           'RunStopped', 'clean_rewards', 'read_checkpoint', 'save_grid', 'overrides_from_params', 'config_from_params']
+           'check_fields', 'check_common_fields', 'sd3_linear_names', 'check_lora_targets', 'place_rewards',
+           'make_rewards', 'parse_run', 'resolved_config', 'validate_config', 'build_config', 'make_config',
+           'split_sizes', 'local_samples', 'sampler_batches', 'decode_batches', 'micro_batches', 'ppo_clip_loss',
+           'kl_to_reference', 'TrainerCore', 'GRPOTrainer', 'RunStopped', 'clean_rewards', 'read_checkpoint',
+           'save_grid', 'overrides_from_params', 'config_from_params']
 
 # %% ../nbs/07_grpo.ipynb #4b544ab9
 LORA_TARGETS = ('attn.to_q', 'attn.to_k', 'attn.to_v', 'attn.to_out.0', 'attn.add_q_proj', 'attn.add_k_proj', 'attn.add_v_proj', 'attn.to_add_out')
@@ -123,7 +124,33 @@ def check_common_fields(c):
         raise ValueError(f"give train_batch_size ({c.train_batch_size}) or grad_accum ({c.grad_accum}), not both: "
                          f"train_batch_size sets the micro-batches of a step, grad_accum their number")
     multiple = 16 if c.model not in ('tiny', 'apex-tiny') else 8     # VAE factor × patch size: 8×2 for SD3, 4×2 for the tiny model
+    _positive_int('resolution', c.resolution, multiple)              # 0 or '64' would fail (or silently train at another size) later
     if c.resolution % multiple: raise ValueError(f"resolution must be a multiple of {multiple} (VAE factor × patch size), got {c.resolution}")
+    if not c.seed < 2 ** 63: raise ValueError(f"seed must be an integer in 0..2**63-1 (torch and numpy generators take no more), got {c.seed}")
+    if isinstance(c.lora_alpha, bool) or not isinstance(c.lora_alpha, (int, float)) or not 0 < c.lora_alpha < math.inf:
+        raise ValueError(f"lora_alpha must be a number > 0 (the LoRA scale is lora_alpha / lora_rank), got {c.lora_alpha!r}")
+    check_lora_targets(c.lora_targets)
+
+@functools.cache
+def sd3_linear_names() -> tuple[str, ...]:
+    "The nn.Linear layers of an SD3/SD3.5 transformer (dual attention and qk-norm included), block numbers as `N`; built on `meta`."
+    from diffusers import SD3Transformer2DModel
+    with torch.device('meta'):
+        m = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                                  joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+                                  pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm='rms_norm')
+    return tuple(sorted({_block_as_n(n) for n, x in m.named_modules() if isinstance(x, torch.nn.Linear)}))
+
+def _block_as_n(name: str) -> str: return re.sub(r'(^|\.)transformer_blocks\.\d+\.', r'\1transformer_blocks.N.', name)
+
+def check_lora_targets(targets):
+    "LoRA target names as peft matches them (a layer's name, or its end after a dot) that name some nn.Linear of an SD3 transformer."
+    if isinstance(targets, str) or not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"lora_targets must be a non-empty list of layer names such as {list(LORA_TARGETS[:3])}, got {targets!r}")
+    names = sd3_linear_names()
+    bad = [t for t in targets if not any(n == _block_as_n(t) or n.endswith('.' + _block_as_n(t)) for n in names)]
+    if bad: raise ValueError(f"lora_targets {bad} match no linear layer of the SD3 transformer; valid names include "
+                             f"{', '.join(sorted({n.removeprefix('transformer_blocks.N.') for n in names}))}")
 
 def _check_ranges(c: GRPOConfig):
     check_common_fields(c)
@@ -178,6 +205,11 @@ def build_config(cls, presets: dict, preset: str, validate, **overrides):
     for k in overrides:
         if k not in valid: raise ValueError(f"unknown config option {k!r}; valid options: {', '.join(valid)}")
     cfg = cls(**{**base, **overrides})
+    if 'reward_options' not in overrides and isinstance(base.get('reward_options'), dict):
+        try: used = {o.name for o in parse_objectives(cfg.objectives)}
+        except ValueError: used = None                 # `validate` names the bad objective
+        if used is not None:   # the preset's options for rewards this run does not use are the preset's business, not an error
+            cfg.reward_options = {k: v for k, v in base['reward_options'].items() if k in used}
     validate(cfg)
     return cfg
 

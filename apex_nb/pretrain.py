@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 from .core import check_choice
-from .runs import save_state, load_state
+from .runs import save_state, load_state, write_atomic
 from .rewards import SIGN_WORDS, sign_prompt
 from .sd3 import TINY_SIZE, tiny_sd3_components
 
@@ -307,7 +307,7 @@ def pretrain(cfg: PretrainConfig | None = None, export_to=None, log=print) -> di
     "Both stages (each resumable), then the export; returns the timings, losses and latent statistics."
     cfg = cfg or PretrainConfig()
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.out_dir) / 'config.json').write_text(json.dumps(asdict(cfg), indent=1))
+    write_atomic(Path(cfg.out_dir) / 'config.json', json.dumps(asdict(cfg), indent=1), 'the pretraining config')
     pipe = StableDiffusion3Pipeline(**apex_tiny_components(cfg.seed))
     pipe.set_progress_bar_config(disable=True)
     vae = pretrain_vae(pipe.vae, cfg, log)
@@ -320,7 +320,7 @@ def pretrain(cfg: PretrainConfig | None = None, export_to=None, log=print) -> di
                    shift_factor=vae['shift_factor'], scaling_factor=vae['scaling_factor'], steps=dit['step'],
                    minutes=dit['seconds'] / 60, loss=recent(dit), sign_steps=signs['step'], sign_minutes=signs['seconds'] / 60,
                    sign_loss=recent(signs), path=str(path))
-    (Path(cfg.out_dir) / 'summary.json').write_text(json.dumps(summary, indent=1))
+    write_atomic(Path(cfg.out_dir) / 'summary.json', json.dumps(summary, indent=1), 'the pretraining summary')
     return summary
 
 # %% ../nbs/10_pretrain.ipynb #9b6b5f3b

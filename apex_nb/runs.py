@@ -182,11 +182,16 @@ class RunDir:
                 raise RunDirError(f"{self.path} holds logs or checkpoints of an unknown run (no config.json); choose another out_dir "
                                   f"or move those files away")
             return
+        if not self._started(): return                    # it never logged a step nor saved a checkpoint (its model failed to load, say): nothing to lose
         diff = config_differences(old, config)
         if not resume:
             raise RunDirError(f"{self.path} already holds {'this' if not diff else 'a different'} run (config.json); pass resume=True "
                               f"to continue it{'' if not diff else ' (only with the same config)'}, or choose another out_dir")
         if diff: raise RunDirError(f"cannot resume {self.path}: the config differs from the run's config.json in " + '; '.join(diff))
+
+    def _started(self) -> bool:
+        "Has a run in this folder logged anything or saved a checkpoint?"
+        return (self.metrics_path.exists() and self.metrics_path.stat().st_size > 0) or any(self.ckpt_dir.glob('step-*'))
 
     def _clean_dead_writers(self):
         "Remove temporary checkpoint folders whose writer process is dead (a live one's folder is its business)."

@@ -30,12 +30,27 @@ def no_model_loads(monkeypatch):
     (dict(resolution=60), "resolution must be a multiple of 8"),
     (dict(prompts=["a red circle", 'a sign that says "HI"']), "prompt 0 has none: 'a red circle'"),
     (dict(noise_level=0.0), "noise_level must be > 0 for GRPO training"),
+    (dict(resolution=0), "resolution must be an integer >= 8, got 0"),          # trained at 64 px while config.json said 0
+    (dict(resolution="64"), "resolution must be an integer >= 8, got '64'"),    # was a %-format TypeError
+    (dict(resolution=-64), "resolution must be an integer >= 8, got -64"),
+    (dict(lora_alpha=-3), "lora_alpha must be a number > 0"),
+    (dict(lora_targets=("attn.to_qq",)), "lora_targets ['attn.to_qq'] match no linear layer of the SD3 transformer; valid names include attn.add_k_proj"),
+    (dict(seed=2 ** 64), "seed must be an integer in 0..2**63-1"),
+    (dict(reward_options={"ocr": {"psm": 99}}), "option psm of reward 'ocr' must be a tesseract page segmentation mode 1 or 3..13, got 99"),
 ])
 def test_bad_configuration_fails_before_any_model_loads(tmp_path, no_model_loads, bad, message):
     with pytest.raises(ValueError, match=None) as e:
         GRPOTrainer(GRPOConfig(**{**FAST, "out_dir": str(tmp_path / "run"), **bad}))
     assert message in str(e.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_presets_reward_options_for_unused_rewards_are_dropped(no_model_loads):
+    "The README's `-p objectives '[\"colorfulness\"]'` on the default preset (which sets ocr's psm): accepted, ocr's options dropped."
+    assert make_config(objectives=["colorfulness"]).reward_options == {}
+    assert make_config().reward_options == {"ocr": {"psm": 7}}
+    with pytest.raises(ValueError, match="unknown reward in reward_options .not an objective of this run. 'ocr'"):
+        make_config(objectives="colorfulness", reward_options={"ocr": {"psm": 7}})      # given by the user: still refused
 
 
 def test_unknown_preset_and_option(no_model_loads):
@@ -45,6 +60,7 @@ def test_unknown_preset_and_option(no_model_loads):
 
 def test_out_dir_with_another_runs_config_is_refused(tmp_path, no_model_loads):
     (tmp_path / "run").mkdir(); (tmp_path / "run" / "config.json").write_text(json.dumps({"method": "static"}))
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 0}\n')          # that run started (one that never did may be replaced)
     with pytest.raises(ValueError, match="already holds a different run"):
         GRPOTrainer(GRPOConfig(**FAST, out_dir=str(tmp_path / "run")))
 
