@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_grpo.ipynb #3ff8a7ae
 from __future__ import annotations
-import contextlib, dataclasses, functools, json, math, os, random, re, shutil, time, warnings
+import contextlib, dataclasses, functools, io, json, math, os, random, re, shutil, time, warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
@@ -686,7 +686,8 @@ def save_grid(images: torch.Tensor, path, ncol: int = 4):
     ncol = min(ncol, n); nrow = math.ceil(n / ncol)
     grid = torch.zeros(3, nrow * h, ncol * w)
     for i, im in enumerate(images.float().cpu()): grid[:, (i // ncol) * h:(i // ncol + 1) * h, (i % ncol) * w:(i % ncol + 1) * w] = im
-    Image.fromarray((grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(path)
+    buf = io.BytesIO(); Image.fromarray((grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(buf, format='PNG')
+    write_atomic(path, buf.getvalue(), 'an evaluation grid')      # whole or absent; a full disk said in plain words
 
 # %% ../nbs/07_grpo.ipynb #6933df6f
 def _maybe_json(v):
