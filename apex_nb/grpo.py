@@ -19,11 +19,12 @@ from .sd3 import sample_with_logprob, step_log_prob, cat_trajectories
 
 # %% auto #0
 __all__ = ['LORA_TARGETS', 'PRESETS', 'LOSS_KEYS', 'MAX_NONFINITE_STEPS', 'MAX_IDLE_STEPS', 'RunConfig', 'GRPOConfig',
-           'check_fields', 'check_common_fields', 'sd3_linear_names', 'check_lora_targets', 'place_rewards',
-           'make_rewards', 'parse_run', 'resolved_config', 'validate_config', 'build_config', 'make_config',
-           'split_sizes', 'local_samples', 'sampler_batches', 'decode_batches', 'micro_batches', 'ppo_clip_loss',
-           'kl_to_reference', 'TrainerCore', 'GRPOTrainer', 'RunStopped', 'clean_rewards', 'read_checkpoint',
-           'save_grid', 'overrides_from_params', 'config_from_params']
+           'check_fields', 'check_common_fields', 'sd3_linear_names', 'check_lora_targets', 'window_range',
+           'place_rewards', 'make_rewards', 'parse_run', 'resolved_config', 'validate_config', 'build_config',
+           'make_config', 'split_sizes', 'local_samples', 'sampler_batches', 'decode_batches', 'micro_batches',
+           'ppo_clip_loss', 'kl_to_reference', 'TrainerCore', 'GRPOTrainer', 'RunStopped', 'clean_rewards',
+           'old_log_probs', 'window_steps', 'read_checkpoint', 'save_grid', 'overrides_from_params',
+           'config_from_params']
 
 # %% ../nbs/07_grpo.ipynb #4b544ab9
 LORA_TARGETS = ('attn.to_q', 'attn.to_k', 'attn.to_v', 'attn.to_out.0', 'attn.add_q_proj', 'attn.add_k_proj', 'attn.add_v_proj', 'attn.to_add_out')
@@ -45,6 +46,7 @@ class RunConfig:
     sample_batch_size: int = 0            # images per sampler call (0: all of a process's images in one call)
     decode_batch_size: int = 0            # latents per VAE decode call (0: a sampler call's batch)
     train_batch_size: int = 0             # samples per training micro-batch (0: a step's samples split into `grad_accum` parts)
+    score_workers: int = 0                # n > 0: a pool of n threads scores each sampler chunk (sample_batch_size) while the next samples
     sample_steps: int = 4                 # denoising steps while training
     eval_sample_steps: int = 8
     noise_level: float = 0.7
@@ -80,7 +82,12 @@ class GRPOConfig(RunConfig):
     adv_clip: float = 5.0
     kl_beta: float = 0.04
     timestep_fraction: float = 0.99       # share of the sampling steps trained on
-    inner_epochs: int = 1
+    inner_epochs: int = 1                 # passes over the sampled batch, each of `updates_per_batch` optimiser steps
+    updates_per_batch: int = 1            # minibatches per pass, one optimiser step each (later ones off-policy, clipped)
+    sde_window: int = 0                   # consecutive SDE steps per sample, ODE elsewhere, trained only there (0: SDE at every step)
+    sde_window_range: object = None       # [first, last] step the window may start at (default: the early half)
+    sde_window_slide_every: int = 0       # 0: the window's start is drawn per step; n: it slides one step later every n steps
+    train_cfg: bool = True                # False: train on the conditional prediction alone (one forward instead of two)
     conflict_every: int = 1               # gradient-conflict diagnostics every m steps (0: never)
     conflict_timesteps: int = 1           # the first n training timesteps whose whole batch (every chunk) the conflict diagnostic
                                           # differentiates, one extra backward per chunk each (0: all training timesteps)
@@ -98,6 +105,15 @@ PRESETS = {
     'sd35m-1gpu': dict(_SD35M, group_size=8, groups_per_step=6, sample_batch_size=8, decode_batch_size=2, train_batch_size=2),     # 24 GB
     'sd35m-1gpu-80gb': dict(_SD35M, group_size=8, groups_per_step=6, sample_batch_size=48, decode_batch_size=16, train_batch_size=16),
     'sd35m-8gpu': dict(_SD35M, group_size=24, groups_per_step=48, sample_batch_size=72, decode_batch_size=16, train_batch_size=24),  # 80 GB each
+}
+# Fast variants (benchmarks/grpo_fast.py): an SDE window (Flow-GRPO-Fast: 2 of 10 steps on SD3.5, trained only there), two
+# optimiser steps per sampled batch (Flow-GRPO's off-policy second update), scoring overlapped with sampling. SD3.5 keeps
+# CFG in training as Flow-GRPO-Fast does; the CPU default also drops it (measured on apex-tiny in the benchmark).
+_FAST = dict(updates_per_batch=2, score_workers=2)
+PRESETS |= {
+    'tiny-cpu-fast': dict(PRESETS['tiny-cpu'], **_FAST, sde_window=1, train_cfg=False, sample_batch_size=4),
+    'sd35m-1gpu-fast': dict(PRESETS['sd35m-1gpu'], **_FAST, sde_window=2),
+    'sd35m-8gpu-fast': dict(PRESETS['sd35m-8gpu'], **_FAST, sde_window=2),
 }
 
 # %% ../nbs/07_grpo.ipynb #149e9c7c
@@ -120,6 +136,10 @@ def check_common_fields(c):
                  ranges=[('noise_level', 0, 10), ('guidance_scale', 0, 100), ('lr', 0, 1), ('weight_decay', 0, 1), ('grad_clip', 0, 1e9)])
     for n in ('dtype', 'vae_dtype'): check_choice(n, getattr(c, n), ('float32', 'float16', 'bfloat16'))
     check_choice('mixed_precision', c.mixed_precision, ('no', 'fp16', 'bf16'))
+    check_fields(c, counts=('score_workers',))
+    if c.score_workers and not c.sample_batch_size:
+        raise ValueError(f"score_workers={c.score_workers} overlaps scoring with sampling chunk by chunk: set sample_batch_size "
+                         f"(images per sampler call, e.g. one group: {c.group_size}); with sample_batch_size=0 there is one chunk")
     if c.train_batch_size and c.grad_accum > 1:
         raise ValueError(f"give train_batch_size ({c.train_batch_size}) or grad_accum ({c.grad_accum}), not both: "
                          f"train_batch_size sets the micro-batches of a step, grad_accum their number")
@@ -159,6 +179,22 @@ def _check_ranges(c: GRPOConfig):
     if c.timestep_fraction == 0: raise ValueError("timestep_fraction must be > 0")
     if c.noise_level <= 0:   # η = 0 is the ODE: every log-prob is 0, no policy gradient, and the KL divides by s_t² = 0
         raise ValueError(f"noise_level must be > 0 for GRPO training (the SDE policy must be stochastic), got {c.noise_level}")
+    check_fields(c, ints=('updates_per_batch',), counts=('sde_window', 'sde_window_slide_every'))
+    if c.sde_window > c.sample_steps: raise ValueError(f"sde_window must be 0..sample_steps ({c.sample_steps}), got {c.sde_window}")
+    if not isinstance(c.train_cfg, bool): raise ValueError(f"train_cfg must be True or False, got {c.train_cfg!r}")
+    if c.sde_window: window_range(c)
+    elif c.sde_window_range is not None or c.sde_window_slide_every:
+        raise ValueError("sde_window_range / sde_window_slide_every need an SDE window: set sde_window (1 or 2 steps, say)")
+
+def window_range(c) -> tuple[int, int]:
+    "The first and last step an SDE window of `c.sde_window` steps may start at: `sde_window_range`, or the early half of sampling."
+    last_start = c.sample_steps - c.sde_window
+    if c.sde_window_range is None: return 0, min(last_start, max(0, math.ceil(c.sample_steps / 2) - c.sde_window))
+    r = c.sde_window_range
+    if not (isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in r) and 0 <= r[0] <= r[1] <= last_start):
+        raise ValueError(f"sde_window_range must be [first, last] start steps with 0 <= first <= last <= sample_steps - sde_window "
+                         f"= {last_start}, got {r!r}")
+    return int(r[0]), int(r[1])
 
 def place_rewards(rewards: dict, device, reward_options: dict) -> dict:
     "Model-backed rewards (those with a `device` option) on the trainer's `device`, unless `reward_options` names another."
@@ -336,24 +372,43 @@ def step_prompts(self: TrainerCore, step: int) -> list[str]:
 
 # %% ../nbs/07_grpo.ipynb #ee288042
 @patch
-def sample(self: TrainerCore, prompts: list[str], step: int):
-    "Sample a group of `group_size` images per prompt with the SDE policy; sample i of the step draws from its own seed."
+def sample(self: TrainerCore, prompts: list[str], step: int, sde_steps=None, on_chunk=None):
+    "Sample a group of `group_size` images per prompt with the SDE policy (SDE on `sde_steps`, all when None); sample i of the step draws from its own seed."
     c = self.cfg
     first = self.acc.process_index * len(prompts) * c.group_size            # global index of this process's first sample
     gens = [torch.Generator(self.acc.device).manual_seed(_step_seed(c.seed, step, 2, first + i)) for i in range(len(prompts) * c.group_size)]
     expanded = [p for p in prompts for _ in range(c.group_size)]
-    return self.sample_batches(expanded, gens, c.sample_steps, c.noise_level), expanded
+    return self.sample_batches(expanded, gens, c.sample_steps, c.noise_level, sde_steps, on_chunk), expanded
 
 @patch
-def sample_batches(self: TrainerCore, prompts: list[str], generators: list, steps: int, noise_level: float):
-    "`sample_with_logprob` in calls of `sample_batch_size` images (one generator per image), under the accelerator's autocast."
+def sample_batches(self: TrainerCore, prompts: list[str], generators: list, steps: int, noise_level: float, sde_steps=None, on_chunk=None):
+    "`sample_with_logprob` in calls of `sample_batch_size` images (one generator per image), under the accelerator's autocast; `on_chunk(traj, prompts)` after each."
     c, trajs, i = self.cfg, [], 0
     for n in split_sizes(len(prompts), c.sample_batch_size):
         with self.acc.autocast():
             trajs.append(sample_with_logprob(self.pipe, prompts[i:i + n], steps, c.guidance_scale, noise_level, c.resolution, c.resolution,
-                                             generators[i:i + n], c.max_sequence_length, c.decode_batch_size or None))
+                                             generators[i:i + n], c.max_sequence_length, c.decode_batch_size or None, sde_steps))
+        if on_chunk is not None: on_chunk(trajs[-1], prompts[i:i + n])
         i += n
     return cat_trajectories(trajs)
+
+@patch
+def sample_and_score(self: TrainerCore, prompts: list[str], step: int, sde_steps=None):
+    """Sample and score a step's images: sequentially, or (`score_workers` > 0) each finished sampler chunk scored in a thread
+    pool while the next chunk samples — the same numbers either way. Returns the trajectory, the expanded prompts, the
+    rewards and the seconds spent sampling and then waiting for scores."""
+    t0 = time.perf_counter()
+    if not self.cfg.score_workers:
+        traj, expanded = self.sample(prompts, step, sde_steps); t1 = time.perf_counter()
+        return traj, expanded, self.score(traj.images, expanded, step), dict(sample=t1 - t0, score=time.perf_counter() - t1)
+    if getattr(self, 'score_pool', None) is None:
+        from concurrent.futures import ThreadPoolExecutor
+        self.score_pool = ThreadPoolExecutor(self.cfg.score_workers, thread_name_prefix='score')
+    futures = []
+    submit = lambda tr, ps: futures.append(self.score_pool.submit(self.score, tr.images, ps, step))
+    traj, expanded = self.sample(prompts, step, sde_steps, on_chunk=submit); t1 = time.perf_counter()
+    R = torch.cat([f.result() for f in futures])              # in chunk order; a failing scorer raises here, naming itself and the step
+    return traj, expanded, R, dict(sample=t1 - t0, score=time.perf_counter() - t1)
 
 # %% ../nbs/07_grpo.ipynb #0badf7f3
 class RunStopped(RuntimeError):
@@ -441,8 +496,8 @@ def train_step(self: GRPOTrainer) -> dict:
     "One GRPO step; returns (and logs) its metrics record."
     c, t0, step = self.cfg, time.perf_counter(), self.step
     prompts = self.step_prompts(step)
-    traj, expanded = self.sample(prompts, step); t_sample = time.perf_counter()
-    R_local = self.score(traj.images, expanded, step); t_score = time.perf_counter()
+    traj, expanded, R_local, t_ss = self.sample_and_score(prompts, step, self.sde_window(step))
+    t_sample, t_score = t0 + t_ss['sample'], t0 + t_ss['sample'] + t_ss['score']
     R, all_prompts = self._gather(R_local, prompts)
     g = group_ids_for([c.group_size] * (R.shape[0] // c.group_size))
     R, ok, rstats = clean_rewards(R, g)
@@ -467,45 +522,88 @@ def train_step(self: GRPOTrainer) -> dict:
 
 # %% ../nbs/07_grpo.ipynb #0a7cf48e
 @patch
-def train_timesteps(self: GRPOTrainer) -> list[int]:
-    "The first ⌈fraction·T⌉ sampling steps (Flow-GRPO trains on the early, high-noise steps)."
+def train_timesteps(self: GRPOTrainer, traj=None) -> list[int]:
+    "The SDE window of `traj` when it was sampled with one, else the first ⌈fraction·T⌉ sampling steps (Flow-GRPO trains on the early, high-noise steps)."
+    if traj is not None and traj.sde_steps is not None: return list(traj.sde_steps)
     return list(range(max(1, int(self.cfg.sample_steps * self.cfg.timestep_fraction))))
+
+def old_log_probs(traj, train_cfg: bool) -> torch.Tensor:
+    "The sampler's log-probs the PPO ratio divides by: of the guided step, or (CFG-free training) of the conditional prediction."
+    return traj.log_probs if train_cfg or traj.cond_log_probs is None else traj.cond_log_probs
+
+@patch
+def sde_window(self: GRPOTrainer, step: int) -> list[int] | None: return window_steps(self.cfg, step)
+
+def window_steps(c, step: int) -> list[int] | None:
+    """The SDE steps of training step `step` (None: every step): `sde_window` consecutive steps starting in `sde_window_range`,
+    drawn from the step's seed (Flow-GRPO-Fast), or sliding one step later every `sde_window_slide_every` steps (MixGRPO)."""
+    if not c.sde_window: return None
+    lo, hi = window_range(c)
+    if c.sde_window_slide_every: start = lo + (step // c.sde_window_slide_every) % (hi - lo + 1)
+    else: start = int(torch.randint(lo, hi + 1, (), generator=torch.Generator().manual_seed(_step_seed(c.seed, step, 6))))
+    return list(range(start, start + c.sde_window))
 
 # %% ../nbs/07_grpo.ipynb #e0960c58
 @patch
-def diagnosed_timesteps(self: GRPOTrainer) -> list[int]:
+def diagnosed_timesteps(self: GRPOTrainer, traj=None) -> list[int]:
     "The training timesteps the conflict diagnostic differentiates, every chunk of them: the first `conflict_timesteps` (0: all)."
-    steps = self.train_timesteps()
+    steps = self.train_timesteps(traj)
     return steps if self.cfg.conflict_timesteps == 0 else steps[:self.cfg.conflict_timesteps]
 
 @patch
 def update(self: GRPOTrainer, traj, A, C, conflicts: bool, train_mask=None) -> dict:
-    """PPO-clip + β·KL over the training timesteps on the samples of `train_mask` (default: all); one optimiser step. With
-    `conflicts`, the K per-objective gradients of the diagnosed timesteps' first inner epoch are measured on the way."""
+    """PPO-clip + β·KL over the training timesteps on the samples of `train_mask` (default: all): `inner_epochs` passes over
+    `updates_per_batch` minibatches, one optimiser step each (the first on-policy, ratio 1; the later ones off-policy, clipped).
+    With `conflicts`, the K per-objective gradients of the diagnosed timesteps are measured on every kept sample, in the first pass."""
     c, dev = self.cfg, self.acc.device
     keep = torch.ones(len(A), dtype=torch.bool) if train_mask is None else train_mask   # samples of groups with signal, finite rewards
-    idx = keep.nonzero().flatten()
+    idx = keep.nonzero().flatten().to(dev)
     A, C = A.to(dev, torch.float32), C.to(dev, torch.float32)   # the balance step's results meet the model: the one move to its device
-    n_all = int(self._mean_over_processes(torch.tensor(len(idx), device=dev), 'sum'))   # kept samples on all processes
-    stats = dict(loss=0.0, pg_loss=0.0, kl=0.0, clip_frac=0.0, ratio_first=math.nan,
+    parts = idx.tensor_split(c.updates_per_batch)                # as many minibatches on every process (some may be empty)
+    sizes = self._mean_over_processes(torch.tensor([len(p) for p in parts], device=dev), 'sum').tolist()   # kept samples per minibatch, all processes
+    n_all = sum(sizes)
+    stats = dict(loss=0.0, pg_loss=0.0, kl=0.0, clip_frac=0.0, ratio_first=math.nan, ratio_min=math.nan, ratio_max=math.nan, updates=0,
                  cos=None, conflict_rate=None, diag_seconds=0.0, diag_path=None, grad_norm=0.0, skipped_update=False)
     if n_all == 0: return stats     # no signal on any process: no step (all agree, so none waits in a reduce below)
-    # a process without kept samples still joins every reduce, with zero gradients
-    steps, chunks = self.train_timesteps(), idx.to(dev).split(micro_batches(c, len(idx)))
-    diagnosed = self.diagnosed_timesteps() if conflicts else []
-    J = torch.zeros(len(self.names), sum(p.numel() for p in self.params), device=dev) if self.aggregator else None
+    steps = self.train_timesteps(traj)
+    diagnosed = self.diagnosed_timesteps(traj) if conflicts else []
+    streak, faults = self.nonfinite_streak, []
     with (LinearObjectiveGrads(self.pipe.transformer, self.params, len(self.names)) if diagnosed else contextlib.nullcontext()) as grads:
         for epoch in range(c.inner_epochs):
-            for j in steps:
-                for chunk in chunks:
-                    stats, J = self._accumulate(traj, A, C, j, chunk, n_all, len(steps) * c.inner_epochs, stats, J,
-                                                diag=grads if epoch == 0 and j in diagnosed else None)
+            for part, n_part in zip(parts, sizes):
+                if n_part == 0: continue                 # every process skips it alike
+                mb = self._minibatch_update(traj, A, C, steps, part, n_part, grads if epoch == 0 else None, diagnosed, n_all)
+                faults.append(self.nonfinite_streak > 0)
+                stats = _merge_minibatch(stats, mb, n_part / n_all / c.inner_epochs)
+    self.nonfinite_streak = streak + 1 if any(faults) else 0     # a train step with a faulty optimiser step counts once
     if diagnosed: stats |= self._conflicts(grads.J.div_(len(diagnosed)), stats['diag_seconds'])   # mean over timesteps, in place (K×P)
-    if self.aggregator: stats['agg_weights'] = self._set_aggregated_grads(self._mean_over_processes(J, 'sum'))
-    else:   # each sample weighs 1/n_all wherever it lives: the sum over processes is the mean over all kept samples
+    return stats
+
+def _merge_minibatch(stats: dict, mb: dict, share: float) -> dict:
+    "Fold one optimiser step's statistics into the update's: losses weighted by its share of samples, ratio range, counts."
+    out = dict(stats)
+    for k in LOSS_KEYS + ('grad_norm',): out[k] += mb[k] * share
+    if math.isnan(out['ratio_first']): out['ratio_first'] = mb['ratio_first']
+    out['ratio_min'] = mb['ratio_min'] if math.isnan(out['ratio_min']) else min(out['ratio_min'], mb['ratio_min'])
+    out['ratio_max'] = mb['ratio_max'] if math.isnan(out['ratio_max']) else max(out['ratio_max'], mb['ratio_max'])
+    out.update(updates=out['updates'] + 1, skipped_update=out['skipped_update'] or mb['skipped_update'],
+               diag_seconds=out['diag_seconds'] + mb['diag_seconds'], **{k: mb[k] for k in ('agg_weights', 'loss_scale') if k in mb})
+    return out
+
+@patch
+def _minibatch_update(self: GRPOTrainer, traj, A, C, steps, part, n_part: int, diag, diagnosed, n_all: int) -> dict:
+    "One optimiser step on the minibatch `part` (this process's samples of it; `n_part` over all processes), in micro-batches."
+    c, dev = self.cfg, self.acc.device
+    mb = dict(loss=0.0, pg_loss=0.0, kl=0.0, clip_frac=0.0, ratio_first=math.nan, ratio_min=math.inf, ratio_max=-math.inf, diag_seconds=0.0)
+    J = torch.zeros(len(self.names), sum(p.numel() for p in self.params), device=dev) if self.aggregator else None
+    for j in steps:
+        for chunk in part.split(micro_batches(c, len(part))):
+            mb, J = self._accumulate(traj, A, C, j, chunk, n_part, len(steps), mb, J, diag=diag if j in diagnosed else None, n_diag=n_all)
+    if self.aggregator: mb['agg_weights'] = self._set_aggregated_grads(self._mean_over_processes(J, 'sum'))
+    else:   # each sample weighs 1/n_part wherever it lives: the sum over processes is the mean over the minibatch's kept samples
         for p in self.params: p.grad = self._mean_over_processes(torch.zeros_like(p) if p.grad is None else p.grad, 'sum')
-    losses = self._mean_over_processes(torch.tensor([stats[k] for k in LOSS_KEYS], dtype=torch.float64), 'sum')
-    return self.optimizer_step(stats | dict(zip(LOSS_KEYS, losses.tolist())))
+    losses = self._mean_over_processes(torch.tensor([mb[k] for k in LOSS_KEYS], dtype=torch.float64), 'sum')
+    return self.optimizer_step(mb | dict(zip(LOSS_KEYS, losses.tolist())))
 
 @patch
 def _conflicts(self: GRPOTrainer, J, seconds: float) -> dict:
@@ -517,24 +615,26 @@ def _conflicts(self: GRPOTrainer, J, seconds: float) -> dict:
 
 # %% ../nbs/07_grpo.ipynb #a7cb02cf
 @patch
-def _accumulate(self: GRPOTrainer, traj, A, C, j, chunk, n_total, n_terms, stats, J, diag: LinearObjectiveGrads | None = None):
+def _accumulate(self: GRPOTrainer, traj, A, C, j, chunk, n_total, n_terms, stats, J, diag: LinearObjectiveGrads | None = None,
+                n_diag: int | None = None):
     """Loss (or per-objective losses) of timestep `j` on samples `chunk`, backpropagated into .grad (or J), each sample weighted
-    1/(`n_total` kept samples of all processes × `n_terms` = timesteps × epochs).
-    With `diag`, first its one extra backward: the per-objective gradients of `mean_i C[i,k]·log p_i` over the step's samples."""
+    1/(`n_total` kept samples of the minibatch on all processes × `n_terms` timesteps).
+    With `diag`, first its one extra backward: the per-objective gradients of `mean_i C[i,k]·log p_i` over all `n_diag` samples."""
     c, tr = self.cfg, self.pipe.transformer
     with diag.capture() if diag is not None else contextlib.nullcontext(), self.acc.autocast():
-        st = step_log_prob(tr, traj, j, c.noise_level, idx=chunk)
+        st = step_log_prob(tr, traj, j, c.noise_level, idx=chunk, cfg=c.train_cfg)
     a, w = A[chunk], len(chunk) / n_total / n_terms   # A, C and chunk live on the model's device (moved once in `update`)
     if diag is not None:
         t = time.perf_counter()
-        diag.accumulate(st.log_prob, C[chunk] / n_total)   # the graph is kept: the training backward follows
+        diag.accumulate(st.log_prob, C[chunk] / (n_diag or n_total))   # the graph is kept: the training backward follows
         stats['diag_seconds'] += time.perf_counter() - t
-    pg, clip_frac, ratio = ppo_clip_loss(st.log_prob, traj.log_probs[chunk, j], a, c.clip_range)
+    pg, clip_frac, ratio = ppo_clip_loss(st.log_prob, old_log_probs(traj, c.train_cfg)[chunk, j], a, c.clip_range)
     if math.isnan(stats['ratio_first']): stats['ratio_first'] = ratio.mean().item()
+    stats['ratio_min'], stats['ratio_max'] = min(stats['ratio_min'], ratio.min().item()), max(stats['ratio_max'], ratio.max().item())
     kl = torch.zeros((), device=ratio.device)
     if c.kl_beta > 0:
         with torch.no_grad(), self.acc.autocast():
-            tr.disable_adapters(); ref = step_log_prob(tr, traj, j, c.noise_level, idx=chunk); tr.enable_adapters()
+            tr.disable_adapters(); ref = step_log_prob(tr, traj, j, c.noise_level, idx=chunk, cfg=c.train_cfg); tr.enable_adapters()
         kl = kl_to_reference(st.mean, ref.mean, traj.stds[j]).mean()
     if self.aggregator:
         per_objective = torch.stack([-(C[chunk, k] * ratio).mean() for k in range(C.shape[1])]) * w
@@ -675,6 +775,7 @@ def train(self: TrainerCore) -> Path | None:
         if self.saved_step != self.step: self.save_checkpoint()
         if self.step not in self.evaluated: self.evaluate()
     finally:
+        if getattr(self, 'score_pool', None) is not None: self.score_pool.shutdown(); self.score_pool = None
         if self.run is not None: self.run.close()
     return None if self.run is None else self.run.path
 

@@ -15,8 +15,9 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 # %% auto #0
 __all__ = ['T5_CHARS', 'TINY_SIZE', 'TWINS', 'tiny_tokenizers', 'tiny_sd3_components', 'cache_dir', 'component_dtypes',
            'tiny_sd3_pipeline', 'sd35_twin_components', 'sd35_twin_pipeline', 'load_pipeline', 'SDEStep',
-           'gaussian_noise', 'sde_noise_scale', 'sde_step', 'Trajectory', 'encode_prompts', 'predict_velocity',
-           'decode_latents', 'no_autocast', 'sample_with_logprob', 'cat_trajectories', 'step_log_prob']
+           'gaussian_noise', 'sde_noise_scale', 'sde_step', 'Trajectory', 'encode_prompts', 'predict_velocities',
+           'predict_velocity', 'decode_latents', 'no_autocast', 'sample_with_logprob', 'euler_step', 'cat_trajectories',
+           'step_log_prob']
 
 # %% ../nbs/06_sd3.ipynb #9241bb02
 T5_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;!?\"'-()/&"
@@ -201,6 +202,8 @@ class Trajectory:
     prompt_embeds: torch.Tensor
     pooled_prompt_embeds: torch.Tensor
     guidance_scale: float
+    sde_steps: tuple | None = None          # the steps that took the SDE step (None: all); the others were exact Euler (ODE) steps
+    cond_log_probs: torch.Tensor | None = None   # N×T: log-prob of each SDE step's sample under the conditional-only mean (CFG-free training)
 
 def encode_prompts(pipe, prompts, guidance_scale: float, max_sequence_length: int = 32, device=None):
     "Prompt and pooled embeddings, with the unconditional ones prepended when guidance is on (the pipeline's layout)."
@@ -212,15 +215,18 @@ def encode_prompts(pipe, prompts, guidance_scale: float, max_sequence_length: in
     if guidance_scale > 1: pe, ppe = torch.cat([npe[inv], pe]), torch.cat([nppe[inv], ppe])
     return pe, ppe
 
-def predict_velocity(transformer, x, t, prompt_embeds, pooled, guidance_scale: float):
-    "The (guided) velocity at latents `x` and timestep `t` (scalar or N)."
+def predict_velocities(transformer, x, t, prompt_embeds, pooled, guidance_scale: float):
+    "The guided velocity at latents `x` and timestep `t` (scalar or N), and the conditional one (the same without guidance)."
     inp = (torch.cat([x] * 2) if guidance_scale > 1 else x).to(transformer.dtype)   # x is float32; the weights' dtype is chosen at load
     v = transformer(hidden_states=inp, timestep=torch.as_tensor(t, device=x.device).expand(inp.shape[0]),
                     encoder_hidden_states=prompt_embeds, pooled_projections=pooled, return_dict=False)[0]
-    if guidance_scale > 1:
-        uncond, cond = v.chunk(2)
-        v = uncond + guidance_scale * (cond - uncond)
-    return v
+    if guidance_scale <= 1: return v, v
+    uncond, cond = v.chunk(2)
+    return uncond + guidance_scale * (cond - uncond), cond
+
+def predict_velocity(transformer, x, t, prompt_embeds, pooled, guidance_scale: float):
+    "The (guided) velocity at latents `x` and timestep `t` (scalar or N)."
+    return predict_velocities(transformer, x, t, prompt_embeds, pooled, guidance_scale)[0]
 
 def decode_latents(pipe, latents, batch_size: int | None = None) -> torch.Tensor:
     "Latents → images in [0, 1] (N×3×H×W), as the pipeline decodes them, `batch_size` latents at a time (all when None)."
@@ -237,14 +243,22 @@ def no_autocast(device_type: str):
 # %% ../nbs/06_sd3.ipynb #9f271731
 def sample_with_logprob(pipe, prompts, num_steps: int = 10, guidance_scale: float = 4.5, noise_level: float = 0.7,
                         height: int | None = None, width: int | None = None, generator=None, max_sequence_length: int = 32,
-                        decode_batch_size: int | None = None) -> Trajectory:
-    "Sample images for `prompts` with the SDE policy, recording the trajectory (float32) and per-step log-probabilities."
+                        decode_batch_size: int | None = None, sde_steps=None) -> Trajectory:
+    """Sample images for `prompts` with the SDE policy, recording the trajectory (float32) and per-step log-probabilities.
+    `sde_steps`: the steps that take the SDE step (None: all); the others take the exact Euler step, draw no noise, log-prob 0."""
+    sde = None if sde_steps is None else tuple(sorted({int(i) for i in sde_steps}))
+    if sde is not None and any(not 0 <= i < num_steps for i in sde): raise ValueError(f"sde_steps {list(sde)} must lie in 0..{num_steps - 1}")
     with torch.inference_mode():   # cheaper than no_grad; the results are cloned out below so training can use them
         traj = _sample(pipe, list(prompts), num_steps, guidance_scale, noise_level, height, width, generator, max_sequence_length,
-                       decode_batch_size)
+                       decode_batch_size, sde)
     return Trajectory(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(traj).items()})
 
-def _sample(pipe, prompts, num_steps, guidance_scale, noise_level, height, width, generator, max_sequence_length, decode_batch_size) -> Trajectory:
+def euler_step(velocity, x, sigma, sigma_next) -> torch.Tensor:
+    "The deterministic (ODE) flow-matching Euler step x + v·(σ_next − σ), in float32: what the SDE step is at noise 0."
+    return x.float() + velocity.float() * (torch.as_tensor(sigma_next, dtype=torch.float32) - torch.as_tensor(sigma, dtype=torch.float32))
+
+def _sample(pipe, prompts, num_steps, guidance_scale, noise_level, height, width, generator, max_sequence_length, decode_batch_size,
+            sde=None) -> Trajectory:
     device = pipe.transformer.device   # looked up once: the pipeline's `_execution_device` walks every module each time
     height = height or pipe.default_sample_size * pipe.vae_scale_factor
     width = width or pipe.default_sample_size * pipe.vae_scale_factor
@@ -253,14 +267,20 @@ def _sample(pipe, prompts, num_steps, guidance_scale, noise_level, height, width
     x = pipe.prepare_latents(len(prompts), pipe.transformer.config.in_channels, height, width, torch.float32, device, generator)
     timesteps, _ = retrieve_timesteps(pipe.scheduler, num_steps, device)
     sigmas = pipe.scheduler.sigmas.float()
-    lats, logps, stds = [x], [], []
+    lats, logps, cond_logps, stds = [x], [], [], []
     for i, t in enumerate(timesteps):
-        v = predict_velocity(pipe.transformer, x, t, pe, ppe, guidance_scale)
-        st = sde_step(v, x, sigmas[i], sigmas[i + 1], sigmas[1], noise_level, generator)
-        x = st.sample
-        lats.append(x); logps.append(st.log_prob); stds.append(st.std[0])
+        v, v_cond = predict_velocities(pipe.transformer, x, t, pe, ppe, guidance_scale)
+        s_t = sde_noise_scale(sigmas[i], sigmas[1], noise_level)
+        if sde is None or i in sde:
+            st = sde_step(v, x, sigmas[i], sigmas[i + 1], sigmas[1], noise_level, generator)
+            cond = sde_step(v_cond, x, sigmas[i], sigmas[i + 1], sigmas[1], noise_level, prev_sample=st.sample).log_prob if guidance_scale > 1 else st.log_prob
+            x, logp = st.sample, st.log_prob
+        else:                                          # outside the SDE window: exact Euler, no draw, nothing to train
+            x, logp = euler_step(v, x, sigmas[i], sigmas[i + 1]), torch.zeros(len(x), device=x.device)
+            cond = logp
+        lats.append(x); logps.append(logp); cond_logps.append(cond); stds.append(s_t)
     return Trajectory(decode_latents(pipe, x, decode_batch_size), torch.stack(lats, 1), torch.stack(logps, 1), timesteps, sigmas,
-                      torch.stack(stds), pe, ppe, guidance_scale)
+                      torch.stack(stds), pe, ppe, guidance_scale, sde, torch.stack(cond_logps, 1))
 
 def cat_trajectories(trajs: list[Trajectory]) -> Trajectory:
     "One trajectory from batches sampled separately (same schedule); prompt embeddings keep the [unconditional; conditional] layout."
@@ -269,15 +289,22 @@ def cat_trajectories(trajs: list[Trajectory]) -> Trajectory:
     def embeds(name):
         parts = [getattr(t, name) for t in trajs]
         return torch.cat([p.chunk(2)[0] for p in parts] + [p.chunk(2)[1] for p in parts]) if cfg else torch.cat(parts)
+    if any(t.sde_steps != first.sde_steps for t in trajs): raise ValueError("trajectories with different SDE windows cannot be joined")
+    cond = None if any(t.cond_log_probs is None for t in trajs) else torch.cat([t.cond_log_probs for t in trajs])
     return Trajectory(*(torch.cat([getattr(t, k) for t in trajs]) for k in ('images', 'latents', 'log_probs')), first.timesteps,
-                      first.sigmas, first.stds, embeds('prompt_embeds'), embeds('pooled_prompt_embeds'), first.guidance_scale)
+                      first.sigmas, first.stds, embeds('prompt_embeds'), embeds('pooled_prompt_embeds'), first.guidance_scale,
+                      first.sde_steps, cond)
 
 # %% ../nbs/06_sd3.ipynb #a9cda03b
-def step_log_prob(transformer, traj: Trajectory, i: int, noise_level: float, idx=None) -> SDEStep:
-    "Recompute step `i` of a trajectory (samples `idx`) under `transformer`: the log-prob of the recorded x_{t+1}."
+def step_log_prob(transformer, traj: Trajectory, i: int, noise_level: float, idx=None, cfg: bool = True) -> SDEStep:
+    """Recompute step `i` of a trajectory (samples `idx`) under `transformer`: the log-prob of the recorded x_{t+1}; with
+    `cfg=False`, under the conditional prediction alone (one forward instead of two; compare with `traj.cond_log_probs`)."""
     idx = slice(None) if idx is None else idx
     x, x_next = traj.latents[idx, i], traj.latents[idx, i + 1]
-    n_cond = traj.prompt_embeds.shape[0] // (2 if traj.guidance_scale > 1 else 1)
-    sel = lambda e: torch.cat([e[:n_cond][idx], e[n_cond:][idx]]) if traj.guidance_scale > 1 else e[idx]
-    v = predict_velocity(transformer, x, traj.timesteps[i], sel(traj.prompt_embeds), sel(traj.pooled_prompt_embeds), traj.guidance_scale)
+    guided = traj.guidance_scale > 1
+    n_cond = traj.prompt_embeds.shape[0] // (2 if guided else 1)
+    if guided and cfg: sel = lambda e: torch.cat([e[:n_cond][idx], e[n_cond:][idx]])
+    else: sel = lambda e: e[-n_cond:][idx]                     # the conditional half (all of it without guidance)
+    v = predict_velocity(transformer, x, traj.timesteps[i], sel(traj.prompt_embeds), sel(traj.pooled_prompt_embeds),
+                         traj.guidance_scale if cfg else 1.0)
     return sde_step(v, x, traj.sigmas[i], traj.sigmas[i + 1], traj.sigmas[1], noise_level, prev_sample=x_next)

@@ -643,7 +643,7 @@ def trace_micro_batch(key: tuple, m: int, steps: int, k: int, kl_beta: float, no
     class Acc:
         def autocast(self): return gpu.autocast(autocast) if autocast is not None else contextlib.nullcontext()
         def backward(self, loss): live.mark('backward'); loss.backward()
-    cfg = types.SimpleNamespace(noise_level=noise, clip_range=clip_range, kl_beta=kl_beta)
+    cfg = types.SimpleNamespace(noise_level=noise, clip_range=clip_range, kl_beta=kl_beta, train_cfg=True)
     stub = types.SimpleNamespace(cfg=cfg, pipe=types.SimpleNamespace(transformer=tr), acc=Acc(), aggregator='agg' if aggregator else None,
                                  params=params, names=[f'objective{i}' for i in range(k)])
     grads = diag.LinearObjectiveGrads(tr, params, k) if conflicts else None    # its K×P matrix exists before the micro-batch
@@ -661,12 +661,13 @@ def trace_micro_batch(key: tuple, m: int, steps: int, k: int, kl_beta: float, no
         if live.segment == 'backward': live.mark('jacobian')
         return flat_fn(*a, **kw)
     disable, enable = tr.disable_adapters, tr.enable_adapters
-    stats = dict(loss=0.0, pg_loss=0.0, kl=0.0, clip_frac=0.0, ratio_first=math.nan, cos=None, conflict_rate=None, diag_seconds=0.0, diag_path=None)
+    stats = dict(loss=0.0, pg_loss=0.0, kl=0.0, clip_frac=0.0, ratio_first=math.nan, ratio_min=math.inf, ratio_max=-math.inf, cos=None,
+                 conflict_rate=None, diag_seconds=0.0, diag_path=None)
     A, C = M(m), M(m, k)
     chunk = torch.arange(m, device=dev)
     try:
         with _patched(grads, 'accumulate', accumulate_marked) if grads is not None else contextlib.nullcontext(), \
-             _patched(diag, 'objective_jacobian', jacobian_marked), \
+             _patched(diag, 'objective_jacobian', jacobian_marked), _patched(grpo, 'objective_jacobian', jacobian_marked), \
              _patched(diag, '_flat', flat_marked), _patched(tr, 'disable_adapters', lambda: (live.mark('reference'), disable())), \
              _patched(tr, 'enable_adapters', lambda: (enable(), live.mark('policy'))), gpu, live:
             live.mark('policy')
