@@ -106,14 +106,14 @@ PRESETS = {
     'sd35m-1gpu-80gb': dict(_SD35M, group_size=8, groups_per_step=6, sample_batch_size=48, decode_batch_size=16, train_batch_size=16),
     'sd35m-8gpu': dict(_SD35M, group_size=24, groups_per_step=48, sample_batch_size=72, decode_batch_size=16, train_batch_size=24),  # 80 GB each
 }
-# Fast variants (benchmarks/grpo_fast.py): an SDE window (Flow-GRPO-Fast: 2 of 10 steps on SD3.5, trained only there), two
-# optimiser steps per sampled batch (Flow-GRPO's off-policy second update), scoring overlapped with sampling. SD3.5 keeps
-# CFG in training as Flow-GRPO-Fast does; the CPU default also drops it (measured on apex-tiny in the benchmark).
-_FAST = dict(updates_per_batch=2, score_workers=2)
+# Fast variants (benchmarks/grpo_fast.py): an SDE window (Flow-GRPO-Fast: 2 of 10 steps on SD3.5, trained only there) and two
+# optimiser steps per sampled batch (Flow-GRPO's off-policy second update). SD3.5 keeps CFG in training as Flow-GRPO-Fast
+# does and scores on the CPU while the GPU samples the next chunk; the CPU preset drops CFG in training and does not
+# overlap (on 2 busy cores the scoring threads slowed sampling more than they saved: measured in the benchmark).
 PRESETS |= {
-    'tiny-cpu-fast': dict(PRESETS['tiny-cpu'], **_FAST, sde_window=1, train_cfg=False, sample_batch_size=4),
-    'sd35m-1gpu-fast': dict(PRESETS['sd35m-1gpu'], **_FAST, sde_window=2),
-    'sd35m-8gpu-fast': dict(PRESETS['sd35m-8gpu'], **_FAST, sde_window=2),
+    'tiny-cpu-fast': dict(PRESETS['tiny-cpu'], updates_per_batch=2, sde_window=1, train_cfg=False),
+    'sd35m-1gpu-fast': dict(PRESETS['sd35m-1gpu'], updates_per_batch=2, sde_window=2, score_workers=2),
+    'sd35m-8gpu-fast': dict(PRESETS['sd35m-8gpu'], updates_per_batch=2, sde_window=2, score_workers=2),
 }
 
 # %% ../nbs/07_grpo.ipynb #149e9c7c
