@@ -127,7 +127,7 @@ def step(self: Balance, R, group_ids) -> BalanceStep:
     C, A, clipped = clip_advantages(out.contributions, self.adv_clip)
     shares, flat = effective_shares(C, A)
     g = torch.as_tensor(group_ids)
-    S = group_std(R, g)                                     # one pass for the signal mask and the spread
+    S = out.group_std if out.group_std is not None else group_std(R, g)   # the normaliser's σ_g of these R: for the signal mask and the spread
     return BalanceStep(w, A, C, shares, signal_groups(R, g, S), terms, typical_group_std(R, g, S),
                        dict(out.stats, clipped=clipped, flat=flat))
 

@@ -11,14 +11,14 @@ import pandas as pd
 import torch
 from .core import Registry, check_choice, group_ids_for
 from .normalize import NORMALIZERS, typical_group_std
-from .diagnostics import gradient_conflicts, objective_jacobian, surrogate_losses, seesaw_index
+from .diagnostics import conflict_stats, seesaw_index
 from .priorities import SCHEDULERS, AGGREGATORS
 from .balance import Balance
 
 # %% auto #0
 __all__ = ['KINDS', 'PRESETS', 'P3_TERMS', 'HV_REFERENCE', 'SimObjective', 'directions_with_cosines', 'conflict_matrix',
-           'LabConfig', 'get_preset', 'LabEnv', 'GaussianPolicy', 'initial_levels', 'evaluate', 'run_lab',
-           'hypervolume_of_gains', 'lab_summary', 'compare_methods', 'customise', 'lab_views', 'LabExplorer']
+           'LabConfig', 'get_preset', 'LabEnv', 'GaussianPolicy', 'initial_levels', 'evaluate', 'surrogate_jacobian',
+           'run_lab', 'hypervolume_of_gains', 'lab_summary', 'compare_methods', 'customise', 'lab_views', 'LabExplorer']
 
 # %% ../nbs/04_lab.ipynb #e1539712
 KINDS = ('continuous', 'binomial')
@@ -144,12 +144,17 @@ class LabEnv:
 
     def rewards(self, actions, prompt_idx, gen: torch.Generator) -> torch.Tensor:
         "Sampled rewards (N×K): binomial draws for coarse objectives, Gaussian observation noise for the rest."
+        return self.rewards_and_levels(actions, prompt_idx, gen)[0]
+
+    def rewards_and_levels(self, actions, prompt_idx, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        "`rewards` and `expected_level` of the same actions, from one pass of their progress (a lab step needs both)."
         y = self.progress(actions)
         p = torch.sigmoid(y + self.bias)
         hits = torch.binomial(self.levels.expand_as(p).contiguous(), p.contiguous(), generator=gen) / self.levels
         level = torch.where(self.binomial, hits, y)
         noise = torch.randn(y.shape, generator=gen) * self.noise
-        return self.offset + self.prompt_offset[prompt_idx] + self.scale * level + noise
+        R = self.offset + self.prompt_offset[prompt_idx] + self.scale * level + noise
+        return R, self.offset + self.scale * torch.where(self.binomial, p, y)
 
 # %% ../nbs/04_lab.ipynb #cdf0627b
 class GaussianPolicy(torch.nn.Module):
@@ -163,6 +168,14 @@ class GaussianPolicy(torch.nn.Module):
     def sample(self, x, gen: torch.Generator):
         with torch.no_grad(): return self.mean(x) + self.action_std * torch.randn(x.shape[0], self.b.shape[0], generator=gen)
     def log_prob(self, a, x): return -((a - self.mean(x)) ** 2).sum(-1) / (2 * self.action_std ** 2)
+    def log_prob_grads(self, a, x, coef) -> list[torch.Tensor]:
+        """[∂/∂W (K×D×F), ∂/∂b (K×D)] of Σ_i coef[i,k]·log π(a_i|x_i) for each column k of `coef` (N×K), in closed form: the
+        operations of autograd's backward through `log_prob`, in its order, so the numbers are the same bit for bit (tested
+        below): autograd's backward passes through this tiny policy took a quarter of a lab step."""
+        with torch.no_grad(): diff2 = 2.0 * (a - self.mean(x))             # ∂‖a − μ‖²/∂(a − μ)
+        G = (coef / (2 * self.action_std ** 2)).T[:, :, None] * diff2      # K×N×D: ∂/∂μ_i (the two sign flips are exact)
+        # one small mm and one sum per column, like each backward pass: a batched bmm or sum adds up in another order
+        return [torch.stack([Gk.t().mm(x) for Gk in G]), torch.stack([Gk.sum(0) for Gk in G])]
 
 # %% ../nbs/04_lab.ipynb #4038afbf
 def initial_levels(env: LabEnv, policy: GaussianPolicy, seed: int = 12345, group_size: int = 16):
@@ -180,18 +193,49 @@ def evaluate(env: LabEnv, policy: GaussianPolicy, seed: int = 54321, group_size:
     return env.expected_level(policy.sample(env.X[idx], gen)).mean(0)
 
 # %% ../nbs/04_lab.ipynb #77e6f391
-def _weighted_policy_gradient(policy, logp, A, keep):
-    "Gradient of −mean(A·log π) over the samples of `keep` into the parameters' .grad (the GRPO surrogate with ratio 1)."
-    policy.zero_grad(set_to_none=True)
-    if keep.any(): (-(A[keep] * logp[keep]).mean()).backward()
+def _surrogate_coef(C, idx) -> torch.Tensor:
+    "∂L_k/∂log π_i of the surrogates L_k = mean_{i∈idx} C[i,k]·(−log π_i): N×K, 0 outside `idx`, formed as autograd's backward forms it."
+    coef = torch.zeros(C.shape)
+    coef[idx] = -(C[idx].detach().float() * (torch.ones(()) / idx.numel()))
+    return coef
 
-def _aggregated_policy_gradient(policy, logp, C, keep, balance: Balance, seed: int):
-    "Per-objective gradients of −mean(C_k·log π) over the samples of `keep`, combined by the balance's torchjd aggregator into .grad."
-    params = list(policy.parameters())
-    J = objective_jacobian(surrogate_losses(-logp, C, keep.nonzero().flatten()), params, 'loop')
-    agg = balance.aggregate(J, seed=seed)
+def _loss_coef(A, keep) -> torch.Tensor:
+    "∂/∂log π_i of the GRPO loss −mean_{i∈keep} A_i·log π_i: N×1, 0 outside `keep`, formed as the mean's and the product's backward form it."
+    coef = torch.zeros(A.shape[0], 1)
+    coef[keep, 0] = (torch.full((), -1.0) / int(keep.sum())) * A[keep]
+    return coef
+
+def _rows(grads) -> torch.Tensor: return torch.cat([g.flatten(1) for g in grads], 1)   # [∂W, ∂b] per column → K×P, W then b
+
+def surrogate_jacobian(policy: GaussianPolicy, a, x, C, sample_idx=None) -> torch.Tensor:
+    "K×P gradients (P: W then b, flattened) of the surrogates `L_k = mean_i C[i,k]·(−log π(a_i|x_i))` over `sample_idx` (all when None)."
+    return _rows(policy.log_prob_grads(a, x, _surrogate_coef(C, torch.arange(C.shape[0]) if sample_idx is None else sample_idx)))
+
+def _step_gradients(policy, a, x, bal, diagnose: bool, aggregate: bool):
+    """One step's gradients from one closed-form pass: the K surrogate rows of the conflict diagnostic (None unless `diagnose`),
+    and what trains — the K rows over the signal samples for an aggregator, else the GRPO loss's [∂W, ∂b] (None without signal)."""
+    C, keep, k = bal.contributions, bal.signal, bal.contributions.shape[1]
+    parts = [_surrogate_coef(C, torch.arange(C.shape[0]))] if diagnose else []
+    if aggregate: parts.append(_surrogate_coef(C, keep.nonzero().flatten()))
+    elif keep.any(): parts.append(_loss_coef(bal.advantages, keep))
+    if not parts: return None, None
+    grads = policy.log_prob_grads(a, x, torch.cat(parts, 1))            # every column on its own: batching them moves no number
+    diag = _rows([g[:k] for g in grads]) if diagnose else None
+    rest = [g[k:] for g in grads] if diagnose else grads
+    if aggregate: return diag, _rows(rest)
+    return diag, [g[0] for g in rest] if len(rest[0]) else None          # no signal (and no aggregator): nothing trains
+
+def _set_grads(policy, grads):
+    "[∂W, ∂b] into the parameters' .grad; None leaves them None (the optimiser then skips the step, as after no backward)."
     policy.zero_grad(set_to_none=True)
-    for p, chunk in zip(params, agg.vector.split([p.numel() for p in params])): p.grad = chunk.view_as(p).clone()
+    if grads is not None:
+        for p, g in zip(policy.parameters(), grads): p.grad = g
+
+def _aggregated_gradient(policy, J, balance: Balance, seed: int):
+    "The per-objective gradients (rows of J) combined by the balance's torchjd aggregator into .grad."
+    agg = balance.aggregate(J, seed=seed)
+    params = list(policy.parameters())
+    _set_grads(policy, [chunk.view_as(p).clone() for p, chunk in zip(params, agg.vector.split([p.numel() for p in params]))])
     return agg
 
 # %% ../nbs/04_lab.ipynb #5503b3eb
@@ -231,33 +275,36 @@ def run_lab(preset='apex4', method: str = 'apex', scheduler: str = 'p3', steps: 
     mu0, sigma0 = initial_levels(env, policy)
     rec, cos_log, t0 = {k: [] for k in ('raw_mean', 'gain', 'weight', 'effective_share', 'cos_mean', *P3_TERMS, 'conflict_rate', 'adv_clipped')}, [], time.perf_counter()
     nan_k = [math.nan] * K
-    for t in range(int(steps)):
-        prompts = torch.randint(cfg.n_prompts, (cfg.groups,), generator=gen)
-        idx = prompts.repeat_interleave(cfg.group_size)
-        x = env.X[idx]
-        a = policy.sample(x, gen)
-        R = env.rewards(a, idx, gen)
-        bal = balance.step(R, g)
-        logp = policy.log_prob(a, x)
-        conf = gradient_conflicts(logp, bal.contributions, params, retain_graph=True) if balance.diagnoses(t) else None
-        w = bal.weights
-        if balance.aggregates: w = _aggregated_policy_gradient(policy, logp, bal.contributions, bal.signal, balance, seed + t).display
-        else: _weighted_policy_gradient(policy, logp, bal.advantages, bal.signal)
-        opt.step()
-        balance.observe(t, R, g, prompts.tolist(), None if conf is None else conf['cos'], spread=bal.spread)   # per-prompt progress, not prompt-sampling noise
-        cos = conf['cos'] if conf is not None else torch.full((K, K), math.nan)
-        terms = balance.terms
-        rec['raw_mean'].append(R.mean(0).tolist()); rec['weight'].append((w / w.sum()).tolist())
-        rec['gain'].append(((env.expected_level(a).mean(0) - mu0) / sigma0).tolist())
-        rec['effective_share'].append(bal.shares.tolist())
-        rec['cos_mean'].append(((cos.sum(1) - cos.diagonal()) / max(K - 1, 1)).tolist())
-        for k in P3_TERMS: rec[k].append(terms[k].tolist() if k in terms else nan_k)
-        rec['conflict_rate'].append(conf['conflict_rate'] if conf is not None else math.nan)
-        rec['adv_clipped'].append(bal.stats['clipped'])
-        cos_log.append(cos.numpy())
-        if callback is not None: callback(t, rec)
-    df = _history_frame(names, rec, seesaw_window)
-    df.attrs.update(final_gain=dict(zip(names, ((evaluate(env, policy) - mu0) / sigma0).tolist())), cos=np.stack(cos_log),
+    with torch.inference_mode():   # the lab's gradients are closed-form: autograd's bookkeeping would only slow every op
+        for t in range(int(steps)):
+            prompts = torch.randint(cfg.n_prompts, (cfg.groups,), generator=gen)
+            idx = prompts.repeat_interleave(cfg.group_size)
+            x = env.X[idx]
+            a = policy.sample(x, gen)
+            R, level = env.rewards_and_levels(a, idx, gen)
+            bal = balance.step(R, g)
+            diag, train = _step_gradients(policy, a, x, bal, balance.diagnoses(t), balance.aggregates)
+            conf = None if diag is None else conflict_stats(diag)
+            w = bal.weights
+            if balance.aggregates: w = _aggregated_gradient(policy, train, balance, seed + t).display
+            else: _set_grads(policy, train)
+            opt.step()
+            balance.observe(t, R, g, prompts.tolist(), None if conf is None else conf['cos'], spread=bal.spread)   # per-prompt progress, not prompt-sampling noise
+            cos = conf['cos'] if conf is not None else torch.full((K, K), math.nan)
+            terms = balance.terms
+            rec['raw_mean'].append(R.mean(0).tolist()); rec['weight'].append((w / w.sum()).tolist())
+            rec['gain'].append(((level.mean(0) - mu0) / sigma0).tolist())
+            rec['effective_share'].append(bal.shares.tolist())
+            rec['cos_mean'].append(((cos.sum(1) - cos.diagonal()) / max(K - 1, 1)).tolist())
+            for k in P3_TERMS: rec[k].append(terms[k].tolist() if k in terms else nan_k)
+            rec['conflict_rate'].append(conf['conflict_rate'] if conf is not None else math.nan)
+            rec['adv_clipped'].append(bal.stats['clipped'])
+            cos_log.append(cos.numpy())
+            if callback is not None:
+                with torch.inference_mode(False): callback(t, rec)   # the caller's code runs as usual
+        df = _history_frame(names, rec, seesaw_window)
+        final = ((evaluate(env, policy) - mu0) / sigma0).tolist()
+    df.attrs.update(final_gain=dict(zip(names, final)), cos=np.stack(cos_log),
                     seconds=time.perf_counter() - t0, names=names, start_mean=dict(zip(names, mu0.tolist())),
                     start_spread=dict(zip(names, sigma0.tolist())),
                     run=dict(preset=preset if isinstance(preset, str) else 'custom', method=method, scheduler=scheduler, aggregator=aggregator,

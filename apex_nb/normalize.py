@@ -6,13 +6,15 @@
 from __future__ import annotations
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
+import numpy as np
 import torch
 from .core import Registry, check_choice, check_group_ids
 
 # %% auto #0
-__all__ = ['NORMALIZERS', 'COMBINES', 'group_mean', 'group_std', 'per_group', 'zero_std_ratio', 'signal_groups', 'NormOutput',
-           'check_weights', 'check_rewards', 'Normalizer', 'get_normalizer', 'StaticNorm', 'MoGrpoNorm', 'GdpoNorm',
-           'ema_update', 'typical_group_std', 'risk_budget_coefficients', 'variance_shares', 'ApexNorm']
+__all__ = ['NORMALIZERS', 'COMBINES', 'group_mean', 'group_mean_std', 'group_std', 'per_group', 'zero_std_ratio', 'signal_groups',
+           'NormOutput', 'check_weights', 'check_rewards', 'Normalizer', 'get_normalizer', 'StaticNorm', 'MoGrpoNorm',
+           'GdpoNorm', 'ema_update', 'typical_group_std', 'risk_budget_coefficients', 'variance_shares', 'ApexNorm']
 
 # %% ../nbs/01_normalize.ipynb #5e4afc6c
 def _first_index(group_ids: torch.Tensor, n_groups: int) -> torch.Tensor:
@@ -21,29 +23,57 @@ def _first_index(group_ids: torch.Tensor, n_groups: int) -> torch.Tensor:
     return torch.full((n_groups,), n, dtype=torch.long, device=group_ids.device).scatter_reduce_(
         0, group_ids, torch.arange(n, device=group_ids.device), 'amin')
 
+class _GroupIndex(NamedTuple):
+    "What every group statistic needs from the group ids, on one device."
+    g: torch.Tensor          # N: the ids
+    n_groups: int
+    first: torch.Tensor      # G: each group's first sample
+    first_of: torch.Tensor   # N: the first sample of each sample's group
+    sizes: torch.Tensor      # G float64: samples per group
+
+_last_index = None   # (the ids, their version, device, _GroupIndex): one step asks ~10 times for the same ids
+
+def _group_index(group_ids: torch.Tensor, device) -> _GroupIndex:
+    "The index structures of `group_ids` on `device`, built once per ids tensor (a trainer or the lab passes the same one every step)."
+    global _last_index
+    hit = _last_index
+    version = None if group_ids.is_inference() else group_ids._version   # inference tensors keep no version: never reused
+    if hit is not None and version is not None and hit[0] is group_ids and hit[1] == version and hit[2] == device: return hit[3]
+    with torch.inference_mode(version is None and torch.is_inference_mode_enabled()):   # what is kept: normal tensors, in any mode
+        g = group_ids.to(device)
+        n_groups = int(g.max()) + 1
+        first = _first_index(g, n_groups)
+        ix = _GroupIndex(g, n_groups, first, first[g], torch.bincount(g, minlength=n_groups).double())
+    if version is not None: _last_index = (group_ids, version, device, ix)   # ids changed in place by torch get a new version: rebuilt
+    return ix
+
 def group_mean(x: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     "Mean of `x` (N or N×K) over each sample's group, broadcast back to the samples, in float64 (exactly the value for equal values)."
     x = torch.as_tensor(x).double()
-    g = group_ids.to(x.device)
-    n_groups = int(g.max()) + 1
-    first = x[_first_index(g, n_groups)][g]       # shift by the group's first value: a group of equal values sums exact zeros
-    sums = torch.zeros((n_groups,) + x.shape[1:], dtype=torch.float64, device=x.device).index_add_(0, g, x - first)
+    ix = _group_index(group_ids, x.device)
+    first = x[ix.first_of]                        # shift by the group's first value: a group of equal values sums exact zeros
+    sums = torch.zeros((ix.n_groups,) + x.shape[1:], dtype=torch.float64, device=x.device).index_add_(0, ix.g, x - first)
     shape = (-1,) + (1,) * (x.ndim - 1)
-    return first + (sums / torch.bincount(g, minlength=n_groups).double().view(shape))[g]
+    return first + (sums / ix.sizes.view(shape))[ix.g]
+
+def group_mean_std(x: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "`group_mean` and `group_std` of `x` together (the std needs the mean: computed once)."
+    x = torch.as_tensor(x).double()
+    mean = group_mean(x, group_ids)
+    return mean, group_mean((x - mean) ** 2, group_ids).sqrt()
 
 def group_std(x: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     "Population standard deviation of `x` over each sample's group, broadcast back to the samples, in float64 (0 for equal values)."
-    x = torch.as_tensor(x).double()
-    return group_mean((x - group_mean(x, group_ids)) ** 2, group_ids).sqrt()
+    return group_mean_std(x, group_ids)[1]
 
 # %% ../nbs/01_normalize.ipynb #e04ebab3
 def per_group(x: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     "One row per group: the value of `x` (N or N×K, constant within groups) at each group's first sample."
-    return x[_first_index(group_ids.to(x.device), int(group_ids.max()) + 1)]
+    return x[_group_index(group_ids, x.device).first]
 
-def zero_std_ratio(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    "Per objective (column), the fraction of groups whose rewards are all equal (exactly zero spread)."
-    return (per_group(group_std(rewards, group_ids), group_ids) == 0).float().mean(0)
+def zero_std_ratio(rewards: torch.Tensor, group_ids: torch.Tensor, stds: torch.Tensor | None = None) -> torch.Tensor:
+    "Per objective (column), the fraction of groups whose rewards are all equal (exactly zero spread). (`stds`: `group_std`, if known.)"
+    return (per_group(group_std(rewards, group_ids) if stds is None else stds, group_ids) == 0).float().mean(0)
 
 def signal_groups(rewards: torch.Tensor, group_ids: torch.Tensor, stds: torch.Tensor | None = None) -> torch.Tensor:
     "Per sample: does its group have any spread in any objective? Groups without carry no signal for any method. (`stds`: `group_std`, if known.)"
@@ -54,10 +84,11 @@ NORMALIZERS = Registry('normalisation method')
 
 @dataclass
 class NormOutput:
-    "Advantages `advantages` (N), per-objective contributions `contributions` (N×K, summing to A) and `stats`."
+    "Advantages `advantages` (N), per-objective contributions `contributions` (N×K, summing to A), `stats`, and `group_std` of the rewards."
     advantages: torch.Tensor
     contributions: torch.Tensor
     stats: dict = field(default_factory=dict)
+    group_std: torch.Tensor | None = field(default=None, repr=False)   # σ_g of the float64 rewards (N×K), set by `__call__` if `normalize` did not
 
 def check_weights(weights, k: int) -> torch.Tensor:
     "Weights as a float32 K-vector: right length, finite, non-negative, not all zero."
@@ -67,12 +98,23 @@ def check_weights(weights, k: int) -> torch.Tensor:
     if w.sum() <= 0: raise ValueError(f"weights must not all be zero, got {w.tolist()}")
     return w
 
+_last_checked = None   # (ids, their version, N) that passed `check_group_ids` last: the lab and trainers pass one tensor every step
+
+def _check_group_ids_once(group_ids, n: int) -> torch.Tensor:
+    "`check_group_ids(group_ids, n)`, skipped for the very ids tensor (unchanged since: same version) that passed it for `n` before."
+    global _last_checked
+    hit = _last_checked
+    if hit is not None and hit[0] is group_ids and hit[2] == n and not group_ids.is_inference() and hit[1] == group_ids._version: return group_ids
+    g = check_group_ids(group_ids, n)
+    if g is group_ids and not g.is_inference(): _last_checked = (g, g._version, n)
+    return g
+
 def check_rewards(rewards, group_ids) -> tuple[torch.Tensor, torch.Tensor]:
     "Rewards as float64 N×K (finite; every float32/bf16 value exactly) and validated group ids."
     R = torch.as_tensor(rewards).double()
     if R.ndim != 2: raise ValueError(f"rewards must be N×K (2-D), got shape {tuple(R.shape)}")
     if not torch.isfinite(R).all(): raise ValueError(f"rewards contain {int((~torch.isfinite(R)).sum())} non-finite values; mask them first")
-    return R, check_group_ids(group_ids, R.shape[0])
+    return R, _check_group_ids_once(group_ids, R.shape[0])
 
 class Normalizer:
     "Base class: validates inputs, calls `normalize`, stateless unless a subclass says otherwise."
@@ -81,7 +123,8 @@ class Normalizer:
         out = self.normalize(R, g, check_weights(weights, R.shape[1]).double())   # statistics in float64, results in float32
         out.contributions = out.contributions.float()
         out.advantages = out.contributions.sum(1)   # A = Σ_k C_k holds for the float32 numbers handed on, not only in float64
-        out.stats.setdefault('zero_std_ratio', zero_std_ratio(R, g))
+        if out.group_std is None: out.group_std = group_std(R, g)   # one pass, reused here and by the balance's signal mask and spread
+        out.stats.setdefault('zero_std_ratio', zero_std_ratio(R, g, out.group_std))
         return out
     def normalize(self, R, g, w) -> NormOutput: raise NotImplementedError
     def state_dict(self) -> dict: return {}
@@ -120,12 +163,13 @@ class GdpoNorm(Normalizer):
     "GDPO: per-objective, per-group z-score; weighted sum; batch standardisation."
     def __init__(self, eps: float = 1e-4): self.eps = eps
     def normalize(self, R, g, w):
-        z = (R - group_mean(R, g)) / (group_std(R, g) + self.eps)
+        mean, sd = group_mean_std(R, g)
+        z = (R - mean) / (sd + self.eps)
         parts = z * w          # group-centred, so their batch mean is 0: not subtracted again (rounding would leak into silent groups)
         a = parts.sum(1)
         scale = a.std(unbiased=False) + self.eps
         C = parts / scale
-        return NormOutput(C.sum(1), C, {'scale': scale})
+        return NormOutput(C.sum(1), C, {'scale': scale}, group_std=sd)
 
 # %% ../nbs/01_normalize.ipynb #b43db8fd
 def ema_update(ema: torch.Tensor, value: torch.Tensor, momentum: float) -> torch.Tensor:
@@ -134,27 +178,35 @@ def ema_update(ema: torch.Tensor, value: torch.Tensor, momentum: float) -> torch
 
 def typical_group_std(R: torch.Tensor, g: torch.Tensor, stds: torch.Tensor | None = None) -> torch.Tensor:
     "Per objective, the mean within-group std over groups of ≥ 2 samples (0 when there is none). (`stds`: `group_std(R, g)`, if known.)"
-    sizes = torch.bincount(g)
-    stds = per_group(group_std(R, g) if stds is None else stds, g)[sizes >= 2]
+    stds = group_std(R, g) if stds is None else stds
+    ix = _group_index(g, stds.device)
+    stds = stds[ix.first][ix.sizes >= 2]
     return stds.mean(0) if len(stds) else torch.zeros(R.shape[1], dtype=torch.float64)
 
 # %% ../nbs/01_normalize.ipynb #fb91e0f5
 def risk_budget_coefficients(cov: torch.Tensor, budgets: torch.Tensor, ridge: float = 1e-3, iters: int = 50, tol: float = 1e-10) -> torch.Tensor:
     "λ ≥ 0 with λ_k(Σλ)_k / λᵀΣλ = b_k/Σb (zero budget → λ_k = 0); Newton on ½λᵀΣλ − Σ b log λ, in float64."
-    S = torch.as_tensor(cov, dtype=torch.float64)
-    b = torch.as_tensor(budgets, dtype=torch.float64)
+    S = torch.as_tensor(cov, dtype=torch.float64).detach()
+    b = torch.as_tensor(budgets, dtype=torch.float64).detach()
     b = b / b.sum()
     live = b > 0
-    S, bl = S[live][:, live], b[live]
+    every = bool(live.all())                                                # the usual case: no sub-matrix to cut out
+    S, bl = (S, b) if every else (S[live][:, live], b[live])
     S = S + ridge * S.diagonal().mean().clamp_min(1e-12) * torch.eye(len(bl), dtype=S.dtype)
-    lam = (bl / S.diagonal()).sqrt()                                        # exact when Σ is diagonal
+    lam_t = (bl / S.diagonal()).sqrt()                                      # exact when Σ is diagonal
+    # The loop's elementwise steps run on numpy views of the same float64 numbers (+ − × ÷ round alike in numpy and torch,
+    # at a fifth of the call overhead); S·λ and the solve stay torch calls, whose BLAS/LAPACK summation order sets the
+    # last bit. λ is updated in place inside `lam_t`'s memory, which S·λ reads.
+    Sn, bn, lam = S.numpy(), bl.numpy(), lam_t.numpy()
     for _ in range(iters):
-        grad = S @ lam - bl / lam
-        step = torch.linalg.solve(S + torch.diag(bl / lam ** 2), grad)
-        shrink = (lam / step.clamp_min(1e-300))[step > 0]                  # stay inside λ > 0
-        lam = lam - min(1.0, 0.9 * float(shrink.min()) if len(shrink) else 1.0) * step
-        if grad.abs().max() < tol: break
-    out = torch.zeros_like(b); out[live] = lam
+        grad = (S @ lam_t).numpy() - bn / lam
+        step = torch.linalg.solve(torch.from_numpy(Sn + np.diag(bn / lam ** 2)), torch.from_numpy(grad)).numpy()
+        up = step > 0
+        shrink = 0.9 * float((lam[up] / np.maximum(step[up], 1e-300)).min()) if up.any() else 1.0   # stay inside λ > 0
+        lam -= min(1.0, shrink) * step
+        if np.abs(grad).max() < tol: break
+    if every: return lam_t.float()
+    out = torch.zeros_like(b); out[live] = lam_t
     return out.float()
 
 def variance_shares(cov: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -178,16 +230,17 @@ class ApexNorm(Normalizer):
         self.reset()
     def reset(self): self.t, self.ema_sigma, self.ema_cov = 0, None, None
 
-    def floor(self, R, g) -> torch.Tensor:
-        "Update the EMA of typical group spreads and return the floor τ (K)."
-        sig = typical_group_std(R, g)
+    def floor(self, R, g, stds=None) -> torch.Tensor:
+        "Update the EMA of typical group spreads and return the floor τ (K). (`stds`: `group_std(R, g)`, if known.)"
+        sig = typical_group_std(R, g, stds)
         self.ema_sigma = ema_update(torch.zeros_like(sig) if self.ema_sigma is None else self.ema_sigma, sig, self.tau_momentum)
         return self.kappa * self.ema_sigma / (1 - self.tau_momentum ** self.t)
 
-    def stage1_scores(self, R, g) -> tuple[torch.Tensor, torch.Tensor]:
-        "z (N×K) and the floor τ (K)."
-        centred, sd = R - group_mean(R, g), group_std(R, g)
-        tau = self.floor(R, g)
+    def stage1_scores(self, R, g, mean_std=None) -> tuple[torch.Tensor, torch.Tensor]:
+        "z (N×K) and the floor τ (K). (`mean_std`: `group_mean_std(R, g)`, if known.)"
+        mean, sd = group_mean_std(R, g) if mean_std is None else mean_std
+        centred = R - mean
+        tau = self.floor(R, g, sd)
         if not self.stage1: return centred, tau
         denom = torch.maximum(sd, tau)
         return torch.where(sd > 0, centred / denom.clamp_min(1e-30), torch.zeros_like(centred)), tau
@@ -200,7 +253,8 @@ class ApexNorm(Normalizer):
 
     def normalize(self, R, g, w):
         self.t += 1
-        z, tau = self.stage1_scores(R, g)
+        mean, sd = group_mean_std(R, g)
+        z, tau = self.stage1_scores(R, g, (mean, sd))
         zc = z                 # group-centred: every column's batch mean is 0 already; subtracting its rounding would move silent groups off 0
         cov = self.covariance(zc)
         live = cov.diagonal() > 0
@@ -208,7 +262,7 @@ class ApexNorm(Normalizer):
         lam = risk_budget_coefficients(cov, w * live).double() if budget else w
         scale = float((lam @ cov @ lam).clamp_min(0).sqrt()) + self.eps if self.stage2 else 1.0
         C = zc * lam / scale
-        return NormOutput(C.sum(1), C, {'tau': tau, 'scale': torch.tensor(scale), 'coefficients': lam})
+        return NormOutput(C.sum(1), C, {'tau': tau, 'scale': torch.tensor(scale), 'coefficients': lam}, group_std=sd)
 
     def state_dict(self) -> dict:
         tolist = lambda x: None if x is None else x.tolist()

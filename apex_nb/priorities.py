@@ -4,12 +4,12 @@
 
 # %% ../nbs/03_priorities.ipynb #8c3379b0
 from __future__ import annotations
-import math, numbers
+import functools, math, numbers
 from typing import NamedTuple
 import torch
 import torchjd.aggregation as tja
 from .core import Registry, check_choice, Objective, weight_vector
-from .normalize import group_mean, per_group
+from .normalize import group_mean, per_group, _group_index
 
 # %% auto #0
 __all__ = ['SCHEDULERS', 'AGGREGATORS', 'start_levels', 'progress', 'ema', 'learning_potential', 'progress_need',
@@ -47,6 +47,7 @@ def progress(mu, mu0, sigma0, target=None) -> torch.Tensor:
     "Progress p_k in start-spreads since the start; toward a target: the clipped fraction of the start gap closed."
     mu, mu0, sigma0 = (torch.as_tensor(v, dtype=torch.float32) for v in (mu, mu0, sigma0))
     p = (mu - mu0) / sigma0
+    if target is None: return p                                 # no targets: the `where` below would pick p everywhere
     tgt, has = _targets(target, mu.numel())
     gap0 = tgt - mu0
     frac = ((mu - mu0) / gap0.clamp_min(1e-12)).clamp(0, 1)
@@ -68,15 +69,24 @@ def progress_need(p) -> torch.Tensor:
     return p.mean() - p
 
 # %% ../nbs/03_priorities.ipynb #db5e3321
-def conflict_penalty(cos, k: int, PN=None, scale: float = 1.0) -> torch.Tensor:
-    "CP_k = c_k·tanh(max(0, −PN_k)/scale), c_k = mean over j≠k of max(0, −cos(g_k, g_j)): conflict charged to leaders; c_k alone when `PN` is None; zeros when `cos` is None or K = 1."
-    if cos is None: return torch.zeros(k)
+def _check_cos(cos, k: int) -> torch.Tensor:
+    "`cos` as a finite float32 k×k matrix, else a `ValueError`."
     c = torch.as_tensor(cos, dtype=torch.float32)
     if c.shape != (k, k): raise ValueError(f"cos must be a {k}×{k} matrix, got shape {tuple(c.shape)}")
     if not torch.isfinite(c).all(): raise ValueError(f"cos must be finite, got {c.tolist()}")
+    return c
+
+@functools.lru_cache(maxsize=None)
+def _off_diagonal(k: int) -> torch.Tensor:
+    "The K×K mask without the diagonal, built once per K (read-only; a normal tensor even if first asked for in inference mode)."
+    with torch.inference_mode(False): return ~torch.eye(k, dtype=torch.bool)
+
+def conflict_penalty(cos, k: int, PN=None, scale: float = 1.0) -> torch.Tensor:
+    "CP_k = c_k·tanh(max(0, −PN_k)/scale), c_k = mean over j≠k of max(0, −cos(g_k, g_j)): conflict charged to leaders; c_k alone when `PN` is None; zeros when `cos` is None or K = 1."
+    if cos is None: return torch.zeros(k)
+    c = _check_cos(cos, k)
     if k == 1: return torch.zeros(1)
-    off_diagonal = ~torch.eye(k, dtype=torch.bool)
-    conflict = ((-c).clamp_min(0) * off_diagonal).sum(1) / (k - 1)
+    conflict = ((-c).clamp_min(0) * _off_diagonal(k)).sum(1) / (k - 1)
     if PN is None: return conflict
     lead = (-torch.as_tensor(PN, dtype=torch.float32)).clamp_min(0)  # how far k is ahead of the mean, in spreads
     return conflict * torch.tanh(lead / scale)
@@ -117,14 +127,15 @@ class PromptBaseline:
     def __init__(self): self.base = {}
     def level(self, R, group_ids, prompt_keys) -> torch.Tensor:
         R, g = torch.as_tensor(R, dtype=torch.float32), torch.as_tensor(group_ids)
-        n_groups = int(g.max()) + 1
+        n_groups = _group_index(g, R.device).n_groups
         if len(prompt_keys) != n_groups: raise ValueError(f"{len(prompt_keys)} prompt keys for {n_groups} groups")
         means = per_group(group_mean(R, g), g)
-        diffs = []
-        for key, m in zip(prompt_keys, means):
-            if key in self.base: diffs.append(m - self.base[key])
-            else: self.base[key] = m
-        return torch.stack(diffs).mean(0) if diffs else torch.zeros(R.shape[1])
+        again = []                                      # groups whose prompt has a baseline (set earlier, or earlier in this batch)
+        for j, key in enumerate(prompt_keys):
+            if key in self.base: again.append(j)
+            else: self.base[key] = means[j]
+        if not again: return torch.zeros(R.shape[1])
+        return (means[again] - torch.stack([self.base[prompt_keys[j]] for j in again])).mean(0)   # one subtraction for all rows
     def state_dict(self) -> dict: return {'base': {k: v.tolist() for k, v in self.base.items()}}
     def load_state_dict(self, state: dict): self.base = {k: torch.tensor(v, dtype=torch.float64) for k, v in state['base'].items()}   # as kept: float64 group means
 
@@ -188,9 +199,9 @@ class Scheduler:
         step = self._check_step(step)
         mu, s = _vec(reward_mean, 'reward_mean', self.k), _vec(reward_std, 'reward_std', self.k)
         if (s < 0).any(): raise ValueError(f"reward_std must be >= 0, got {s.tolist()}")
-        if cos is not None: conflict_penalty(cos, self.k)  # validates shape and finiteness
+        if cos is not None: cos = _check_cos(cos, self.k)
         self.n, self.last_step = self.n + 1, step
-        w = self._next_weights(mu, s, None if cos is None else torch.as_tensor(cos, dtype=torch.float32))
+        w = self._next_weights(mu, s, cos)
         self.w = w / w.sum()  # guard against float drift off the simplex
         return self.weights
     def _next_weights(self, mu, s, cos) -> torch.Tensor: raise NotImplementedError
