@@ -276,7 +276,7 @@ def _sample(pipe, prompts, num_steps, guidance_scale, noise_level, height, width
             cond = sde_step(v_cond, x, sigmas[i], sigmas[i + 1], sigmas[1], noise_level, prev_sample=st.sample).log_prob if guidance_scale > 1 else st.log_prob
             x, logp = st.sample, st.log_prob
         else:                                          # outside the SDE window: exact Euler, no draw, nothing to train
-            x, logp = euler_step(v, x, sigmas[i], sigmas[i + 1]), torch.zeros(len(x), device=x.device)
+            x, logp = euler_step(v, x, sigmas[i], sigmas[i + 1]), torch.zeros(len(x), dtype=torch.float32, device=x.device)
             cond = logp
         lats.append(x); logps.append(logp); cond_logps.append(cond); stds.append(s_t)
     return Trajectory(decode_latents(pipe, x, decode_batch_size), torch.stack(lats, 1), torch.stack(logps, 1), timesteps, sigmas,
