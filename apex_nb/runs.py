@@ -135,12 +135,14 @@ def _comparable(cfg: dict) -> dict:
 def config_differences(old: dict, new: dict) -> list[str]:
     "`field: old → new` for every field whose meaning differs (old configs without `resolved` compare spellings)."
     if ('resolved' in old) != ('resolved' in new): old, new = ({k: v for k, v in c.items() if k != 'resolved'} for c in (old, new))
-    a, b = _comparable(old), _comparable(new)
-    flat = lambda d: {f'{k}.{j}' if isinstance(v, dict) and k == 'resolved' else k: (w if k == 'resolved' else v)
-                      for k, v in d.items() for j, w in (v.items() if isinstance(v, dict) and k == 'resolved' else [(None, v)])}
-    a, b = flat(a), flat(b)
+    a, b = _with_resolved_flat(_comparable(old)), _with_resolved_flat(_comparable(new))
     short = lambda v: (s if len(s := json.dumps(v)) <= 80 else s[:77] + '…')
     return [f"{k}: {short(a.get(k, '<absent>'))} → {short(b.get(k, '<absent>'))}" for k in sorted(set(a) | set(b)) if a.get(k, '<absent>') != b.get(k, '<absent>')]
+
+def _with_resolved_flat(cfg: dict) -> dict:
+    "The config with each `resolved` entry as its own `resolved.<key>` field, so a difference is named by its entry."
+    out = {k: v for k, v in cfg.items() if k != 'resolved'}
+    return out | {f'resolved.{k}': v for k, v in cfg.get('resolved', {}).items()}
 
 def prompts_digest(prompts) -> str:
     "A short sha256 of a prompt list (order matters), to notice a prompts file edited between the legs of a run."
