@@ -13,8 +13,10 @@ import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
 from .core import Registry, check_choice, group_ids_for
-from .grpo import (LORA_TARGETS, PRESETS, RunConfig, TrainerCore, clean_rewards, build_config, check_fields, check_common_fields, parse_run, micro_batches,
-                          overrides_from_params, read_metrics, _step_seed)
+from .config import (LORA_TARGETS, PRESETS, RunConfig, build_config, check_fields, check_common_fields, parse_run, micro_batches,
+                            overrides_from_params)
+from .trainer import TrainerCore, SeedStream, step_seed, clean_rewards
+from .runs import read_metrics
 from .sd3 import encode_prompts
 from .balance import Balance, orient
 from .priorities import SCHEDULERS
@@ -332,6 +334,7 @@ def validate_dpo_config(c: DPOConfig) -> dict:
     if c.reference == 'base' and (c.ref_update_every or c.ref_ema):
         raise ValueError("reference='base' (adapters disabled) cannot be updated; use reference='ref' with ref_update_every/ref_ema, or set them to 0")
     if c.ref_update_every and c.ref_ema: raise ValueError(f"give ref_update_every ({c.ref_update_every}) or ref_ema ({c.ref_ema}), not both")
+    if c.gold_on_train: raise ValueError("gold_on_train is GRPO's: a DPO run scores its gold scorers (gold=…) at every evaluation")
     parsed = parse_run(c)
     names = [o.name for o in parsed['objectives']]
     parse_labeler(c.labeler, names, c.scorer)
@@ -362,8 +365,8 @@ class DPOTrainer(TrainerCore):
         self.balance = dpo_balance(self.cfg, parsed['scorer_weights'], self.signs)   # voting weights (scheduled), orientation, state
         self.offline, self._offline_cache = parsed['offline'], None
 
-    def _add_lora(self) -> list:
-        params = super()._add_lora()
+    def add_lora(self) -> list:
+        params = super().add_lora()
         if self.cfg.reference == 'ref': add_reference_adapter(self.pipe.transformer)
         return params
 
@@ -377,7 +380,7 @@ class DPOTrainer(TrainerCore):
 
     def label(self, R, group_ids, step: int) -> Labels:
         "Labels of every within-group pair of the (gathered, raw) scores, oriented, by the configured labeler, this step's weights and tie rule."
-        g = torch.Generator().manual_seed(_step_seed(self.cfg.seed, step, 6))           # the same draw on every process
+        g = torch.Generator().manual_seed(step_seed(self.cfg.seed, step, SeedStream.TIES))   # the same draw on every process
         return label_pairs(orient(R, self.balance.signs).float(), all_pairs(group_ids), self.cfg.labeler, self.balance.weights,
                            self.cfg.tie_rule, g, self.cfg.scorer, self.names)
 
@@ -427,7 +430,7 @@ def offline_pairs(self: DPOTrainer, step: int) -> dict:
     "Draw `groups_per_step` pairs from the preference file (the same draw everywhere, each process its slice); label them."
     c, t0 = self.cfg, time.perf_counter()
     data = self._offline_data()
-    g = torch.Generator().manual_seed(_step_seed(c.seed, step, 1))
+    g = torch.Generator().manual_seed(step_seed(c.seed, step, SeedStream.PROMPTS))
     idx = torch.randint(len(self.offline), (c.groups_per_step,), generator=g)
     R = data['R'][idx].reshape(-1, len(self.names))                                    # rows 2i, 2i+1: pair i's a and b
     lab = self.label(R, group_ids_for([2] * len(idx)), step)
@@ -453,7 +456,7 @@ def dpo_update(self: DPOTrainer, batch: dict, step: int) -> dict:
     n, N = len(x_w), batch['n_pairs']                    # this process's pairs, all processes' pairs
     if N == 0:                                           # no decisive pair anywhere: no step (weight decay alone would move the LoRA)
         return dict(loss=math.nan, implicit_acc=math.nan, reward_margin=math.nan, grad_norm=0.0)
-    gens = [torch.Generator().manual_seed(_step_seed(c.seed, step, 5, j)) for j in batch['pair_ids'].tolist()]   # pair j's own draw, on any process
+    gens = [torch.Generator().manual_seed(step_seed(c.seed, step, SeedStream.PAIR_NOISE, j)) for j in batch['pair_ids'].tolist()]   # pair j's own draw, on any process
     noise = torch.stack([torch.randn(x_w.shape[1:], generator=g) for g in gens]).to(self.acc.device) if n else torch.zeros_like(x_w)
     sigma = torch.cat([shifted_sigmas(1, self.pipe.scheduler.config.shift, g) for g in gens]).to(self.acc.device) if n else x_w.new_zeros(0)
     T = self.pipe.scheduler.config.num_train_timesteps
@@ -510,6 +513,6 @@ def _record(self: DPOTrainer, step, batch, upd, ref_updated, times) -> dict:
     for key, vec in per.items():
         for n, v in zip(self.names, vec.tolist()): rec[f'{key}/{n}'] = v
     rec.update({f'time/{k}': v for k, v in times.items()})
-    if self.run is not None: self.run.log(rec)
+    self.log_record(rec)
     for cb in self.callbacks: cb(self, rec)
     return rec

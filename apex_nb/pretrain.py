@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_pretrain.ipynb #057e616b
 from __future__ import annotations
-import functools, json, math, os, random, re, shutil, tempfile, time
+import functools, json, random, re, time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
@@ -13,18 +13,18 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 from .core import check_choice
-from .runs import save_state, load_state, write_atomic
+from .runs import save_state, load_state, write_atomic, write_folder_atomic
 from .rewards import SIGN_WORDS, sign_prompt
-from .sd3 import TINY_SIZE, tiny_sd3_components
+from .sd3 import TINY_SIZE, tiny_sd3_components, apex_tiny_path
 
 # %% auto #0
 __all__ = ['COLOURS', 'SHAPES', 'WORDS', 'FONT_PATH', 'TRANSFORMER_SIZES', 'VAE_CHANNELS', 'TEXT_TO_IMAGE', 'load_font',
            'shape_caption', 'sign_caption', 'draw_shape', 'draw_sign', 'make_sample', 'image_batch',
            'apex_tiny_components', 'n_params', 'vae_loss', 'shift_timesteps', 'rectified_flow_loss', 'CaptionEncoder',
-           'caption_dropout', 'save_checkpoint', 'load_checkpoint', 'lr_at', 'train_stage', 'PretrainConfig',
+           'caption_dropout', 'save_checkpoint', 'load_checkpoint', 'lr_schedule', 'train_stage', 'PretrainConfig',
            'latent_stats', 'pretrain_vae', 'image_flow_loss', 'pretrain_transformer', 'encode_captions',
-           'finetune_signs', 'apex_tiny_path', 'export_apex_tiny', 'pretrain', 'load_apex_tiny', 'image_grid',
-           'nearest_colour', 'shape_colours', 'exact_read', 'random_shape_captions']
+           'finetune_signs', 'export_apex_tiny', 'pretrain', 'nearest_colour', 'shape_colours', 'exact_read',
+           'random_shape_captions']
 
 # %% ../nbs/10_pretrain.ipynb #11c9d526
 COLOURS = {'red': (220, 40, 40), 'orange': (245, 140, 30), 'yellow': (245, 215, 40), 'green': (40, 165, 60),
@@ -169,11 +169,12 @@ def load_checkpoint(path) -> dict | None:
     "The checkpoint at `path` (loaded with weights_only=True: a file that asks to run code is refused), or None if there is none."
     return load_state(path) if Path(path).exists() else None
 
-def lr_at(step: int, steps: int, lr: float, warmup: int = 50, floor: float = 0.1) -> float:
-    "Linear warm-up over `warmup` steps, then cosine decay from `lr` to `floor`·`lr` at `steps`."
-    if step < warmup: return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+def lr_schedule(opt, steps: int, lr: float, warmup: int = 50, floor: float = 0.1, start: int = 0):
+    """transformers' linear warm-up over `warmup` steps to `lr`, then cosine decay to `floor`·`lr` at `steps`, positioned at step
+    `start` (a resumed stage continues its schedule: it is a function of the step, so it needs no state of its own)."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+    for g in opt.param_groups: g['initial_lr'] = lr          # the base a resumed optimiser's decayed lr must not replace
+    return get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, steps, min_lr_rate=floor, last_epoch=start - 1)
 
 # %% ../nbs/10_pretrain.ipynb #162c47cc
 def train_stage(model, loss_fn, ckpt_path, steps: int, lr: float, minutes: float | None = None, warmup: int = 50,
@@ -184,15 +185,15 @@ def train_stage(model, loss_fn, ckpt_path, steps: int, lr: float, minutes: float
     if state['step']:
         model.load_state_dict(state['model']); opt.load_state_dict(state['opt'])
         log(f"resumed {ckpt_path} at step {state['step']} ({state['seconds'] / 60:.1f} min)")
+    sched = lr_schedule(opt, steps, lr, warmup, start=state['step'])
     model.train()
     def save(): save_checkpoint(ckpt_path, dict(state, model=model.state_dict(), opt=opt.state_dict()))
     stop = steps if until is None else min(steps, until)
     while state['step'] < stop and (minutes is None or state['seconds'] < minutes * 60):
         t0, step = time.perf_counter(), state['step']
-        for g in opt.param_groups: g['lr'] = lr_at(step, steps, lr, warmup)
         loss, parts = loss_fn(step)
         opt.zero_grad(); loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip); opt.step()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip); opt.step(); sched.step()
         state['seconds'] += time.perf_counter() - t0; state['step'] = step + 1
         state['history'].append(dict(step=step, loss=loss.item(), **parts))
         if state['step'] % log_every == 0:
@@ -283,25 +284,17 @@ def finetune_signs(pipe, cfg: PretrainConfig, log=print) -> dict:
     return out
 
 # %% ../nbs/10_pretrain.ipynb #0a90878b
-def apex_tiny_path() -> Path:
-    "Where the package keeps the `apex-tiny` weights: `apex_nb/models/apex-tiny`."
-    import apex_nb
-    return Path(apex_nb.__file__).parent / 'models' / 'apex-tiny'
-
 def export_apex_tiny(pipe, path=None, dtype=torch.float16) -> Path:
     "Save `pipe` with `save_pretrained` (safetensors; transformer and VAE in `dtype`) to `path` (default `apex_tiny_path()`), atomically."
-    path = Path(path or apex_tiny_path()); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix='.tmp-'))
-    # the text encoders (0.3 MB) stay fp32: the transformer was trained on their exact fp32 features
-    pipe.transformer.to(dtype); pipe.vae.to(dtype)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    for cfg in tmp.rglob('*.json'):   # a pipeline loaded from a folder writes that folder into its configs: not for shipping
-        d = json.loads(cfg.read_text())
-        if isinstance(d, dict) and d.pop('_name_or_path', None) is not None: cfg.write_text(json.dumps(d, indent=2, sort_keys=True) + '\n')
-    pipe.transformer.to(torch.float32); pipe.vae.to(torch.float32)
-    if path.exists(): shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
+    def write(tmp):
+        # the text encoders (0.3 MB) stay fp32: the transformer was trained on their exact fp32 features
+        pipe.transformer.to(dtype); pipe.vae.to(dtype)
+        try: pipe.save_pretrained(tmp, safe_serialization=True)
+        finally: pipe.transformer.to(torch.float32); pipe.vae.to(torch.float32)
+        for cfg in tmp.rglob('*.json'):   # a pipeline loaded from a folder writes that folder into its configs: not for shipping
+            d = json.loads(cfg.read_text())
+            if isinstance(d, dict) and d.pop('_name_or_path', None) is not None: cfg.write_text(json.dumps(d, indent=2, sort_keys=True) + '\n')
+    return write_folder_atomic(Path(path or apex_tiny_path()), write, 'the apex-tiny export')
 
 def pretrain(cfg: PretrainConfig | None = None, export_to=None, log=print) -> dict:
     "Both stages (each resumable), then the export; returns the timings, losses and latent statistics."
@@ -322,28 +315,6 @@ def pretrain(cfg: PretrainConfig | None = None, export_to=None, log=print) -> di
                    sign_loss=recent(signs), path=str(path))
     write_atomic(Path(cfg.out_dir) / 'summary.json', json.dumps(summary, indent=1), 'the pretraining summary')
     return summary
-
-# %% ../nbs/10_pretrain.ipynb #9b6b5f3b
-def load_apex_tiny(dtype=torch.float32, device='cpu', path=None) -> StableDiffusion3Pipeline:
-    "The pretrained `apex-tiny` pipeline (from `apex_tiny_path()` unless `path`), in eval mode, progress bar off."
-    path = Path(path or apex_tiny_path())
-    if not (path / 'model_index.json').exists():
-        raise FileNotFoundError(f"no apex-tiny weights at {path}; train them with apex_nb.pretrain.pretrain() (nbs/10_pretrain.ipynb)")
-    pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    for m in pipe.components.values():
-        if isinstance(m, torch.nn.Module): m.eval()
-    return pipe
-
-# %% ../nbs/10_pretrain.ipynb #91a35110
-def image_grid(images, nrow: int) -> Image.Image:
-    "A grid of N×3×H×W images in [0, 1] (or PIL images), `nrow` per row."
-    from apex_nb.rewards import to_pil_list
-    ims = to_pil_list(images)
-    w, h = ims[0].size
-    grid = Image.new('RGB', (w * nrow, h * math.ceil(len(ims) / nrow)))
-    for i, im in enumerate(ims): grid.paste(im, ((i % nrow) * w, (i // nrow) * h))
-    return grid
 
 # %% ../nbs/10_pretrain.ipynb #2481680c
 def nearest_colour(rgb) -> str:

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['RunDirError', 'write_error', 'fsync_dir', 'write_atomic', 'append_line', 'RunLock', 'rng_state', 'set_rng_state',
-           'save_state', 'load_state', 'config_differences', 'prompts_digest', 'list_checkpoints', 'RunDir',
-           'read_config', 'read_metrics']
+__all__ = ['RunDirError', 'write_error', 'fsync_dir', 'write_atomic', 'append_line', 'write_folder_atomic', 'RunLock',
+           'rng_state', 'set_rng_state', 'save_state', 'load_state', 'config_differences', 'prompts_digest',
+           'list_checkpoints', 'RunDir', 'read_config', 'read_metrics']
 
 # %% ../nbs/13_runs.ipynb #5e06454b
 class RunDirError(ValueError):
@@ -61,6 +61,34 @@ def append_line(path, line: str, what: str = 'the metrics log'):
     try:
         with open(path, 'a') as f: f.write(line + '\n'); f.flush(); os.fsync(f.fileno())
     except OSError as e: raise (write_error(e, what, path) or e) from e
+
+# %% ../nbs/13_runs.ipynb #63cea364
+def write_folder_atomic(final, write, what: str = 'a folder', tmp=None, replace: bool = True) -> Path:
+    """Build a folder with `write(tmp)` in a temporary sibling (`tmp`), fsync every file and folder in it, rename it to `final`.
+    A folder already at `final` is replaced — or, with `replace=False`, kept (another writer got there first). Readers see the
+    old folder or the whole new one; a failed write leaves no temporary folder and says why in plain words."""
+    final = Path(final); final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tmp) if tmp else final.with_name(f'.tmp-{final.name}-{os.getpid()}')
+    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
+    try:
+        write(tmp)
+        for f in tmp.rglob('*'):
+            if f.is_file():
+                with open(f, 'rb') as h: os.fsync(h.fileno())
+        for d in [*(d for d in tmp.rglob('*') if d.is_dir()), tmp]: fsync_dir(d)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        err = write_error(e, what, final)
+        if err is None: raise
+        raise err from e
+    if final.exists() and not replace: shutil.rmtree(tmp, ignore_errors=True); return final
+    if final.exists(): shutil.rmtree(final)
+    try: os.replace(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if replace or not final.exists(): raise
+    fsync_dir(final.parent)
+    return final
 
 # %% ../nbs/13_runs.ipynb #c14b24a4
 class RunLock:
@@ -125,7 +153,7 @@ def load_state(path) -> dict:
 
 # %% ../nbs/13_runs.ipynb #bcd570cb
 _LEG_FIELDS = ('steps', 'resume', 'out_dir')          # may change between the legs of one run
-_MEANING_FIELDS = ('objectives', 'prompts', 'eval_prompts')   # compared through `resolved` when both configs have it
+_MEANING_FIELDS = ('objectives', 'gold', 'prompts', 'eval_prompts')   # compared through `resolved` when both configs have it
 
 def _comparable(cfg: dict) -> dict:
     "A stored config without the fields a later leg may change; with `resolved`, the spelled fields give way to their meaning."
@@ -221,20 +249,7 @@ class RunDir:
         "Write a checkpoint with `write(folder)` into a temporary folder, fsync, rename it into place; keep the last `keep`."
         self._writing()
         final = self.ckpt_dir / f'step-{step:06d}'
-        tmp = self.ckpt_dir / f'.tmp-step-{step:06d}-{os.getpid()}'
-        shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
-        try:
-            write(tmp)
-            for f in tmp.iterdir():
-                with open(f, 'rb') as h: os.fsync(h.fileno())
-            fsync_dir(tmp)
-        except Exception as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            err = write_error(e, f'checkpoint of step {step}', final)
-            if err is None: raise
-            raise err from e
-        if final.exists(): shutil.rmtree(final)
-        os.replace(tmp, final); fsync_dir(self.ckpt_dir)
+        write_folder_atomic(final, write, f'checkpoint of step {step}', tmp=self.ckpt_dir / f'.tmp-step-{step:06d}-{os.getpid()}')
         for old in self.checkpoints()[:-keep]: shutil.rmtree(old, ignore_errors=True)
         return final
 

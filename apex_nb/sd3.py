@@ -4,20 +4,22 @@
 
 # %% ../nbs/06_sd3.ipynb #b3a54bae
 from __future__ import annotations
-import contextlib, math, os, shutil, tempfile
+import contextlib, math, os
 from dataclasses import dataclass
 from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+from PIL import Image
+from .runs import write_folder_atomic
 
 # %% auto #0
 __all__ = ['T5_CHARS', 'TINY_SIZE', 'TWINS', 'tiny_tokenizers', 'tiny_sd3_components', 'cache_dir', 'component_dtypes',
-           'tiny_sd3_pipeline', 'sd35_twin_components', 'sd35_twin_pipeline', 'load_pipeline', 'SDEStep',
-           'gaussian_noise', 'sde_noise_scale', 'sde_step', 'Trajectory', 'encode_prompts', 'predict_velocities',
-           'predict_velocity', 'decode_latents', 'no_autocast', 'sample_with_logprob', 'euler_step', 'cat_trajectories',
-           'step_log_prob']
+           'tiny_sd3_pipeline', 'sd35_twin_components', 'sd35_twin_pipeline', 'apex_tiny_path', 'load_apex_tiny',
+           'load_pipeline', 'SDEStep', 'gaussian_noise', 'sde_noise_scale', 'sde_step', 'Trajectory', 'encode_prompts',
+           'predict_velocities', 'predict_velocity', 'decode_latents', 'no_autocast', 'sample_with_logprob',
+           'euler_step', 'cat_trajectories', 'step_log_prob', 'image_grid']
 
 # %% ../nbs/06_sd3.ipynb #9241bb02
 T5_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;!?\"'-()/&"
@@ -78,12 +80,8 @@ def _frozen(pipe, vae_dtype=torch.float32):
 def _cached_pipeline(folder: str, build_components, dtype, device, vae_dtype) -> StableDiffusion3Pipeline:
     "A generated pipeline saved once to `cache_dir()/folder` (written to a temporary folder, renamed into place) and loaded back."
     path = cache_dir() / folder
-    if not (path / 'model_index.json').exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix='.tmp-'))
-        StableDiffusion3Pipeline(**build_components()).save_pretrained(tmp)
-        try: os.replace(tmp, path)
-        except OSError: shutil.rmtree(tmp, ignore_errors=True)   # another process won the race: use its copy
+    if not (path / 'model_index.json').exists():   # another process may win the race to write it: then its copy is used
+        write_folder_atomic(path, lambda tmp: StableDiffusion3Pipeline(**build_components()).save_pretrained(tmp), 'a cached pipeline', replace=False)
     pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=component_dtypes(dtype, vae_dtype))
     pipe.set_progress_bar_config(disable=True)
     return _frozen(pipe.to(device), vae_dtype)
@@ -124,6 +122,23 @@ def sd35_twin_pipeline(name: str = 'sd35m-twin', seed: int = 0, dtype=torch.floa
     "A twin pipeline, saved once to the cache in the hub's folder layout and loaded with `from_pretrained`."
     return _cached_pipeline(f'{name}-seed{seed}', lambda: sd35_twin_components(name, seed), dtype, device, vae_dtype)
 
+# %% ../nbs/06_sd3.ipynb #452c80e6
+def apex_tiny_path() -> Path:
+    "Where the package keeps the `apex-tiny` weights: `apex_nb/models/apex-tiny`."
+    import apex_nb
+    return Path(apex_nb.__file__).parent / 'models' / 'apex-tiny'
+
+def load_apex_tiny(dtype=torch.float32, device='cpu', path=None) -> StableDiffusion3Pipeline:
+    "The pretrained `apex-tiny` pipeline (from `apex_tiny_path()` unless `path`), in eval mode, progress bar off."
+    path = Path(path or apex_tiny_path())
+    if not (path / 'model_index.json').exists():
+        raise FileNotFoundError(f"no apex-tiny weights at {path}; train them with apex_nb.pretrain.pretrain() (nbs/10_pretrain.ipynb)")
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    for m in pipe.components.values():
+        if isinstance(m, torch.nn.Module): m.eval()
+    return pipe
+
 # %% ../nbs/06_sd3.ipynb #78675065
 def load_pipeline(name_or_path: str = 'tiny', dtype=torch.float32, device='cpu', local_files_only: bool | None = None,
                   seed: int = 0, vae_dtype=torch.float32) -> StableDiffusion3Pipeline:
@@ -132,7 +147,6 @@ def load_pipeline(name_or_path: str = 'tiny', dtype=torch.float32, device='cpu',
     if name_or_path == 'tiny': pipe = tiny_sd3_pipeline(seed, dtype, device, vae_dtype)
     elif name_or_path in TWINS: pipe = sd35_twin_pipeline(name_or_path, seed, dtype, device, vae_dtype)
     elif name_or_path == 'apex-tiny':
-        from apex_nb.pretrain import load_apex_tiny   # lazy: pretrain imports this module
         pipe = load_apex_tiny(component_dtypes(dtype, vae_dtype), device)
     else: pipe = _load_hub_pipeline(name_or_path, component_dtypes(dtype, vae_dtype), local_files_only)
     pipe.set_progress_bar_config(disable=True)
@@ -308,3 +322,12 @@ def step_log_prob(transformer, traj: Trajectory, i: int, noise_level: float, idx
     v = predict_velocity(transformer, x, traj.timesteps[i], sel(traj.prompt_embeds), sel(traj.pooled_prompt_embeds),
                          traj.guidance_scale if cfg else 1.0)
     return sde_step(v, x, traj.sigmas[i], traj.sigmas[i + 1], traj.sigmas[1], noise_level, prev_sample=x_next)
+
+# %% ../nbs/06_sd3.ipynb #80c1d9bb
+def image_grid(images, ncol: int) -> Image.Image:
+    "A PIL grid of N×3×H×W images in [0, 1] (or PIL images), `ncol` per row (at most N), the last row padded with black."
+    from diffusers.utils import make_image_grid
+    from apex_nb.rewards import to_pil_list
+    ims = to_pil_list(images.float().clamp(0, 1).cpu() if torch.is_tensor(images) else images)
+    ncol = min(ncol, len(ims)); rows = math.ceil(len(ims) / ncol)
+    return make_image_grid(ims + [Image.new('RGB', ims[0].size)] * (rows * ncol - len(ims)), rows, ncol)

@@ -138,7 +138,8 @@ def lora_reload(trainer, folder: Path) -> tuple[str, str]:
 
 def run_case(case: Case, device: str, plan_fn, ratio_tol: float, log=print) -> Row:
     from apex_nb.dpo import DPOTrainer, make_dpo_config
-    from apex_nb.grpo import GRPOTrainer, make_config
+    from apex_nb.grpo import GRPOTrainer
+    from apex_nb.config import make_config
     row, out, trainer = Row(case.name), Path(tempfile.mkdtemp(prefix='gpu-check-')), None
     cuda = device.startswith('cuda')
     try:

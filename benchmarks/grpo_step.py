@@ -14,7 +14,8 @@ import contextlib, statistics, tempfile, time
 from pathlib import Path
 import torch
 import apex_nb.grpo as grpo
-from apex_nb.grpo import GRPOTrainer, make_config
+from apex_nb.grpo import GRPOTrainer
+from apex_nb.config import make_config
 from apex_nb.sd3 import sample_with_logprob, tiny_sd3_pipeline
 from apex_nb.diagnostics import objective_jacobian, surrogate_losses
 

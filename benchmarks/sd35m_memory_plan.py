@@ -208,7 +208,7 @@ def lora_config(rank: int, alpha: float, targets: tuple):
 
 
 def attach_lora(transformer: torch.nn.Module, rank: int, alpha: float, targets: tuple) -> list:
-    "The trainer's LoRA (`_add_lora`): base frozen, adapter added, trainable weights in float32. Returns the trainable tensors."
+    "The trainer's LoRA (`TrainerCore.add_lora`): base frozen, adapter added, trainable weights in float32. Returns the trainable tensors."
     transformer.requires_grad_(False)
     transformer.add_adapter(lora_config(rank, alpha, targets))
     params = [p for p in transformer.parameters() if p.requires_grad]
@@ -231,7 +231,7 @@ def lora_numel_by_hand(cfg: dict, r: int) -> int:
 
 def count_components(rank: int = 32, alpha: float = 64, targets: tuple | None = None) -> dict:
     "Exact parameter counts of SD3.5-M's components (+ buffers) and of the recipe's LoRA, all on the meta device."
-    from apex_nb.grpo import LORA_TARGETS
+    from apex_nb.config import LORA_TARGETS
     comps = components('sd35m')
     names = dict(transformer='transformer', clip_l='text_encoder', clip_g='text_encoder_2', t5_xxl='text_encoder_3', vae='vae')
     counts = {k: weight_numel(comps[v]) for k, v in names.items()}
@@ -548,7 +548,7 @@ def tracing_pipeline(kind: str, dtype: torch.dtype, vae_dtype: torch.dtype, rank
 
 
 def _pipe_key(cfg):
-    from apex_nb.grpo import LORA_TARGETS
+    from apex_nb.config import LORA_TARGETS
     return (model_kind(cfg.model), getattr(torch, cfg.dtype), getattr(torch, cfg.vae_dtype), cfg.lora_rank, cfg.lora_alpha,
             tuple(cfg.lora_targets if hasattr(cfg, 'lora_targets') else LORA_TARGETS), bool(cfg.gradient_checkpointing), False)
 
@@ -688,7 +688,7 @@ def trace_micro_batch(key: tuple, m: int, steps: int, k: int, kl_beta: float, no
 def check_depth_extension(m: int = 2, k: int = 3, conflicts: bool = True, aggregator: bool = False) -> dict:
     """The depth (and LoRA-size) extension against a full-depth trace, on a narrow 10-block SD3.5-M on the CPU (float32 without
     autocast: bf16 matmuls are slow on CPUs; LoRA r4, 128 px, 8 T5 tokens, `k` objectives). Returns both peak-per-segment dicts."""
-    from apex_nb.grpo import LORA_TARGETS
+    from apex_nb.config import LORA_TARGETS
     key = ('_narrow', torch.float32, torch.float32, 4, 8, tuple(LORA_TARGETS), True)
     full = lora_numel('_narrow', 4, 8, tuple(LORA_TARGETS))
     args = (m, 4, k, 0.04, 0.7, 4.5, 128, 8, conflicts, aggregator, None, full)
@@ -746,7 +746,7 @@ def _largest(sizes: list[int]) -> int: return max(sizes) if sizes else 0
 def plan_details(cfg, num_processes: int = 1, phases: tuple | None = None) -> dict:
     """The plan with its terms: {'phases': {phase: {'total': bytes, 'terms': {term: bytes}}}, 'resident': {...}, 'batches':
     {...}, 'traces': {...}}. `phases` limits the work to some phases (tracing is the slow part)."""
-    from apex_nb.grpo import GRPOConfig, decode_batches, local_samples, micro_batches, sampler_batches, split_sizes, validate_config
+    from apex_nb.config import GRPOConfig, decode_batches, local_samples, micro_batches, sampler_batches, split_sizes, validate_config
     if not isinstance(cfg, GRPOConfig): raise TypeError(f"the memory plan covers GRPO configs (GRPOConfig), not {type(cfg).__name__}")
     parsed = validate_config(cfg)
     kind, key = model_kind(cfg.model), _pipe_key(cfg)
@@ -853,7 +853,7 @@ def divisors(n: int) -> list[int]:
 def largest_fitting(preset: str, card_bytes: int, num_processes: int = 1, **overrides) -> dict:
     """The largest sample_batch_size (then decode_batch_size) and train_batch_size whose phases fit `card_bytes`, among the
     divisors of the local samples (even calls and micro-batches). None for a knob when even 1 does not fit."""
-    from apex_nb.grpo import local_samples, make_config
+    from apex_nb.config import local_samples, make_config
     base = make_config(preset, **overrides)
     n = local_samples(base, num_processes)
     ok = lambda c, ph: all(fits(v['total'], card_bytes) for v in plan_details(c, num_processes, ph)['phases'].values())
@@ -880,7 +880,7 @@ VARIANTS = {'as shipped': {}, '+ rewards fp32': dict(objectives=REWARD_OBJECTIVE
 
 def preset_report(name: str, **overrides) -> dict:
     "plan_details of a preset (on its number of processes), with `overrides`."
-    from apex_nb.grpo import make_config
+    from apex_nb.config import make_config
     return plan_details(make_config(name, **overrides), PRESET_PROCESSES[name])
 
 
@@ -909,7 +909,7 @@ def print_preset(name: str, reports: dict) -> None:
 
 def main(argv=None) -> int:
     import argparse
-    from apex_nb.grpo import make_config
+    from apex_nb.config import make_config
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--search', action='store_true', help='the largest batch knobs that fit, per preset (slow: traces each candidate)')
     args = p.parse_args(argv)

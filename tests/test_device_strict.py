@@ -138,7 +138,8 @@ PRECISION = {'fp32': {}, 'bf16': dict(dtype='bfloat16', mixed_precision='bf16'),
     pytest.param('upgrad', 1, 'fp32', id='upgrad-conflicts'), pytest.param('p3', 1, 'bf16', id='p3-conflicts-bf16-autocast'),
     pytest.param('upgrad', 1, 'fp16', id='upgrad-fp16')])
 def test_grpo_step_on_pretend_gpu(tmp_path, scheduler, conflict_every, precision):
-    from apex_nb.grpo import GRPOTrainer, make_config
+    from apex_nb.grpo import GRPOTrainer
+    from apex_nb.config import make_config
     with pretend_cuda():
         balance = dict(aggregator=scheduler) if scheduler == 'upgrad' else dict(scheduler=scheduler)
         cfg = make_config('tiny-random', device='cuda', **balance, conflict_every=conflict_every, out_dir=str(tmp_path / 'run'),
@@ -158,7 +159,8 @@ def test_grpo_step_on_pretend_gpu(tmp_path, scheduler, conflict_every, precision
 
 def test_model_rewards_follow_the_trainer_to_its_device(tmp_path):
     "Rewards with a `device` option (CLIP-based) run on the trainer's device unless reward_options names another."
-    from apex_nb.grpo import GRPOTrainer, make_config
+    from apex_nb.grpo import GRPOTrainer
+    from apex_nb.config import make_config
     kw = dict(objectives='clipscore:1,colorfulness:1', steps=1, eval_every=0, save_every=0)
     with pretend_cuda():
         t = GRPOTrainer(make_config('tiny-random', device='cuda', **kw, out_dir=str(tmp_path / 'gpu')))

@@ -13,7 +13,8 @@ from apex_nb.normalize import get_normalizer
 
 SCRIPT = r"""
 import sys, torch
-from apex_nb.grpo import GRPOTrainer, make_config
+from apex_nb.grpo import GRPOTrainer
+from apex_nb.config import make_config
 out = sys.argv[1]
 t = GRPOTrainer(make_config('tiny-random', steps=2, groups_per_step=2, group_size=3, save_every=0, eval_every=0, out_dir=out + '/run', seed=5))
 batches = []
@@ -26,7 +27,8 @@ torch.save(dict(batches=batches, lora=lora, world=t.acc.num_processes), f"{out}/
 
 UNEVEN_SCRIPT = r"""
 import sys, torch
-from apex_nb.grpo import GRPOTrainer, make_config
+from apex_nb.grpo import GRPOTrainer
+from apex_nb.config import make_config
 out = sys.argv[1]
 t = GRPOTrainer(make_config('tiny-random', steps=1, groups_per_step=2, group_size=3, save_every=0, eval_every=0, out_dir=out + '/run', seed=5))
 traj, _ = t.sample(t.step_prompts(0), 0)

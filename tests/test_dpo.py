@@ -21,7 +21,7 @@ def adapters(trainer):
 
 
 def test_three_steps(tmp_path):
-    from apex_nb.grpo import read_metrics
+    from apex_nb.runs import read_metrics
     t = make(tmp_path / 'run', 3)
     before = adapters(t)['default']
     t.train()
@@ -34,7 +34,7 @@ def test_three_steps(tmp_path):
 
 
 def test_resume_matches_uninterrupted(tmp_path):
-    from apex_nb.grpo import read_metrics
+    from apex_nb.runs import read_metrics
     ref = make(tmp_path / 'ref', 3); ref.train()
     make(tmp_path / 'cut', 2).train()                         # stops after step 1; the reference was re-set at step 1
     resumed = make(tmp_path / 'cut', 3, resume=True)

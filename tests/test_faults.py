@@ -5,9 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 import apex_nb.sd3
-from apex_nb.grpo import GRPOConfig, GRPOTrainer, make_config, read_metrics
+from apex_nb.config import GRPOConfig, make_config
+from apex_nb.grpo import GRPOTrainer
+from apex_nb.runs import read_metrics
 
-FAST = dict(steps=2, save_every=1, eval_every=0, group_size=2, groups_per_step=2, sample_steps=2)
+FAST = dict(model='tiny', prompts='text', reward_options={}, steps=2, save_every=1, eval_every=0, group_size=2, groups_per_step=2,
+            sample_steps=2)   # the tiny-random preset's model and prompts: machinery only
 
 
 @pytest.fixture
@@ -45,12 +48,16 @@ def test_bad_configuration_fails_before_any_model_loads(tmp_path, no_model_loads
     assert not (tmp_path / "run").exists()
 
 
-def test_a_presets_reward_options_for_unused_rewards_are_dropped(no_model_loads):
-    "The README's `-p objectives '[\"colorfulness\"]'` on the default preset (which sets ocr's psm): accepted, ocr's options dropped."
-    assert make_config(objectives=["colorfulness"]).reward_options == {}
+def test_reward_options_of_rewards_not_trained(no_model_loads):
+    "The README's `-p objectives '[\"colorfulness\"]'` on the default preset (which sets ocr's psm): accepted; options of a reward"
+    "that is not an objective are still checked (a misspelled reward or option, a bad value), then left aside."
+    assert make_config(objectives=["colorfulness"]).objectives == ["colorfulness"]
     assert make_config().reward_options == {"ocr": {"psm": 7}}
-    with pytest.raises(ValueError, match="unknown reward in reward_options .not an objective of this run. 'ocr'"):
-        make_config(objectives="colorfulness", reward_options={"ocr": {"psm": 7}})      # given by the user: still refused
+    make_config(objectives="colorfulness", reward_options={"ocr": {"psm": 7}})          # harmless: OCR is simply not scored
+    with pytest.raises(ValueError, match="unknown reward in reward_options 'orc'; valid choices: "):
+        make_config(objectives="colorfulness", reward_options={"orc": {"psm": 7}})
+    with pytest.raises(ValueError, match="psm"):
+        make_config(objectives="colorfulness", reward_options={"ocr": {"psm": 99}})
 
 
 def test_unknown_preset_and_option(no_model_loads):

@@ -12,7 +12,9 @@ from PIL import Image
 import apex_nb.rewards as rewards
 from apex_nb.rewards import RewardError, RewardServer, get_reward, load_prompts, post_scores, score_batch
 import apex_nb.sd3
-from apex_nb.grpo import GRPOConfig, GRPOTrainer, TrainerCore      # imported once here (slow: diffusers, accelerate)
+from apex_nb.config import GRPOConfig      # imported once here (slow: diffusers, accelerate)
+from apex_nb.grpo import GRPOTrainer
+from apex_nb.trainer import TrainerCore
 from image_bombs import png_chunk, png_bomb, jpeg_bomb   # decompression bombs built from headers alone
 
 

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 TRAIN = """
 import sys
-from apex_nb.grpo import GRPOTrainer, make_config
+from apex_nb.grpo import GRPOTrainer
+from apex_nb.config import make_config
 GRPOTrainer(make_config('tiny-random', steps={steps}, save_every=1, eval_every=0, out_dir=sys.argv[1], resume={resume}, seed=3{options})).train()
 """
 STEPS = 6

@@ -21,7 +21,7 @@ def mp():
 
 @pytest.fixture(scope="module")
 def cfg():
-    from apex_nb.grpo import make_config
+    from apex_nb.config import make_config
     return make_config
 
 
@@ -68,7 +68,7 @@ def test_depth_extension_matches_a_full_depth_trace(mp):
 
 
 def test_plan_uses_the_trainers_batching(mp, cfg):
-    from apex_nb.grpo import decode_batches, local_samples, micro_batches, sampler_batches
+    from apex_nb.config import decode_batches, local_samples, micro_batches, sampler_batches
     c = cfg("sd35m-8gpu")
     b = mp.plan_details(c, num_processes=8, phases=("collect",))["batches"]
     assert (b["local_samples"], b["sampler_calls"], b["decode_batch"], b["micro_batch"]) == \

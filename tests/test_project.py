@@ -68,3 +68,28 @@ def test_repo_notebooks_are_clean():
         for c in json.loads(p.read_text())["cells"]:
             if c["cell_type"] == "code":
                 assert c.get("outputs") == [] and c.get("execution_count") is None, p.name
+
+
+def test_no_import_circle():
+    "The package's modules import each other as a DAG (no circle, lazy imports inside functions included)."
+    import ast, apex_nb
+    root = Path(apex_nb.__file__).parent
+    mods = {p.stem for p in root.glob("*.py") if not p.stem.startswith("_")}
+    deps = {}
+    for m in mods:
+        tree = ast.parse((root / f"{m}.py").read_text())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                mod = node.module.removeprefix("apex_nb.") if node.module.startswith("apex_nb.") else (node.module if node.level else None)
+                if mod in mods: names.add(mod)
+            elif isinstance(node, ast.Import):
+                names |= {a.name.removeprefix("apex_nb.") for a in node.names if a.name.startswith("apex_nb.")} & mods
+        deps[m] = names - {m}
+    done, stack = set(), []
+    def visit(m):
+        assert m not in stack, f"import circle: {' -> '.join(stack[stack.index(m):] + [m])}"
+        if m in done: return
+        stack.append(m); [visit(d) for d in sorted(deps[m])]; stack.pop(); done.add(m)
+    for m in sorted(mods): visit(m)
+    assert {"config", "trainer", "grpo"} <= mods and "trainer" in deps["grpo"] and "config" in deps["trainer"]

@@ -6,11 +6,14 @@ import json, math, os, subprocess, sys, warnings
 from pathlib import Path
 import pytest
 import torch
-from apex_nb.grpo import GRPOConfig, GRPOTrainer, read_metrics
+from apex_nb.config import GRPOConfig
+from apex_nb.grpo import GRPOTrainer
+from apex_nb.runs import read_metrics
 from apex_nb.dpo import DPOTrainer, make_dpo_config
 from apex_nb.rewards import REWARDS, Reward
 
-FAST = dict(steps=2, save_every=1, eval_every=0, group_size=2, groups_per_step=2, sample_steps=2)
+FAST = dict(model='tiny', prompts='text', reward_options={}, steps=2, save_every=1, eval_every=0, group_size=2, groups_per_step=2,
+            sample_steps=2)   # the tiny-random preset's model and prompts: machinery only
 
 
 def trainer(out, **kw):

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from apex_nb.dpo import DPOTrainer, make_dpo_config
-from apex_nb.grpo import GRPOTrainer, make_config
+from apex_nb.grpo import GRPOTrainer
+from apex_nb.config import make_config
 from apex_nb.sd3 import TWINS, load_pipeline
 
 TWIN = dict(dtype='bfloat16', mixed_precision='bf16', gradient_checkpointing=True, grad_accum=2, resolution=64,
