@@ -4,87 +4,43 @@
 
 # %% ../nbs/08_dashboard.ipynb #c1a795c6
 from __future__ import annotations
-import json, math
+import bisect
 from pathlib import Path
-import numpy as np
 import pandas as pd
-from .runs import read_metrics
-from .lab import hypervolume_of_gains, HV_REFERENCE
+from .runs import read_metrics, read_config
+from .summary import split_records, summarise                        # what a run's records say (14_summary)
+from .summary import objective_names, gains, final_gains             # (importable from here too, as before they moved)
+from .plots import PANELS, panel_data, dashboard_figure, panel_figures, profile_figure, refresh_figure   # the figures (15_plots)
 
 # %% auto #0
-__all__ = ['PANELS', 'split_records', 'objective_names', 'gains', 'panel_data', 'Dashboard', 'run_label', 'final_gains',
-           'compare']
-
-# %% ../nbs/08_dashboard.ipynb #99e57840
-def split_records(records: list[dict]) -> tuple[pd.DataFrame, list[dict]]:
-    "Training-step records as a DataFrame (one row per step, flat columns) and the eval records."
-    steps = [r for r in records if 'eval' not in r]
-    return pd.DataFrame(steps), [r for r in records if 'eval' in r]
-
-def objective_names(df: pd.DataFrame) -> list[str]:
-    "The objectives of a run, in order, from its `weight/<name>` columns."
-    return [c.split('/', 1)[1] for c in df.columns if c.startswith('weight/')]
-
-def gains(df: pd.DataFrame, names) -> pd.DataFrame:
-    "Per step and objective, the run's logged gain in start-spread units (`gain/<name>`, see `12_balance`; NaN during its warm-up)."
-    missing = [n for n in names if f'gain/{n}' not in df]
-    if missing: raise ValueError(f"the run logs no gains for {missing} (no gain/<name> columns: it predates them); train it again to compare it")
-    return pd.DataFrame({n: df[f'gain/{n}'].astype(float).values for n in names}, index=df.step.values)
-
-# %% ../nbs/08_dashboard.ipynb #f006fae9
-def panel_data(df: pd.DataFrame) -> dict:
-    "What each dashboard panel plots: {panel: [trace dicts with name, x, y (and dash)]}, heatmaps as arrays."
-    names, x = objective_names(df), df.step.values
-    line = lambda n, col, **kw: dict(name=n, x=x, y=df[col].values, **kw)
-    g = gains(df, names) if len(df) and all(f'gain/{n}' in df for n in names) else None   # runs from before gains were logged: no gain panel
-    return {
-        'weights': [line(n, f'weight/{n}') for n in names],
-        'share_vs_weight': [t for n in names for t in (line(n, f'share/{n}'), line(f'{n} weight', f'weight/{n}', dash='dash', group=n))],
-        'raw_rewards': [line(n, f'raw_mean/{n}') for n in names],
-        'normalised_rewards': [dict(name=n, x=x, y=g[n].values) for n in names] if g is not None else [],
-        'priority': [line(f'{n} π', f'pi/{n}') for n in names if f'pi/{n}' in df],
-        'losses': [line(c, c) for c in ('loss', 'kl', 'clip_frac') if c in df],
-        'cos': dict(names=names, steps=[int(s) for s, c in zip(x, df['cos']) if c is not None],
-                    z=np.array([c for c in df['cos'] if c is not None], dtype=float).reshape(-1, len(names), len(names))) if 'cos' in df else None,
-    }
+__all__ = ['Dashboard', 'run_label', 'compare']
 
 # %% ../nbs/08_dashboard.ipynb #a001fcae
-PANELS = {'weights': 'weights', 'share_vs_weight': 'effective share (solid) vs nominal weight (dashed)',
-          'raw_rewards': 'raw rewards', 'normalised_rewards': 'gain (start-spread units)', 'priority': 'P³ priority π',
-          'losses': 'loss · KL · clip fraction'}
-
-def _colour(i: int) -> str:
-    import plotly.colors
-    return plotly.colors.qualitative.Plotly[i % 10]
-
 class Dashboard:
-    "Live or replayed view of a run directory; `update(record)` appends a metrics record and redraws in place."
-    def __init__(self, run_dir=None, live: bool = True):
+    "Live or replayed view of a run's records: one plotly figure of every panel, a step slider for the cosines, the latest evaluation."
+    def __init__(self, run_dir=None, live: bool = True, smooth: int = 1):
         import ipywidgets as W, plotly.graph_objects as go
-        self.run_dir, self.records = (Path(run_dir) if run_dir else None), []
-        # live: FigureWidgets (each stores its own plotly.js in a saved notebook); else plain figures, for static output only
-        Fig = go.FigureWidget if live else go.Figure
-        fig = lambda title, w=520: Fig(layout=dict(title=title, width=w, height=300, margin=dict(l=40, r=10, t=40, b=30)))
-        self.figures = {p: fig(t, 1040 if p == 'raw_rewards' else 520) for p, t in PANELS.items()}
-        self.figures['cos'] = fig('gradient cosines', 420)
-        self.slider = W.IntSlider(description='step', min=0, max=0, continuous_update=False)
-        self.slider.observe(lambda ch: self._draw_cos(), names='value')
-        self.image, self.eval_text = W.Image(format='png', width=512), W.HTML()
-        f = self.figures
-        self.widget = W.VBox([W.HBox([f['share_vs_weight'], f['weights']]), f['raw_rewards'], W.HBox([f['normalised_rewards'], f['priority']]),
-                              W.HBox([f['losses'], W.VBox([f['cos'], self.slider])]), W.HBox([self.image, self.eval_text])]) if live else None
+        self.run_dir, self.records, self.smooth, self.data = (Path(run_dir) if run_dir else None), [], smooth, None
+        # live: one FigureWidget for all panels (one plotly.js in a saved notebook); else a plain figure, for static output only
+        self.figure = (go.FigureWidget if live else go.Figure)(layout=dict(width=1100, height=120, title='waiting for the first step'))
+        self.slider = W.IntSlider(description='cosines at', min=0, max=0, continuous_update=False)
+        self.slider.observe(lambda ch: self._draw_figure(), names='value')
+        self.image, self.eval_text = W.Image(format='png', width=512, layout=W.Layout(display='none')), W.HTML()
+        self.widget = W.VBox([self.figure, self.slider, W.HBox([self.image, self.eval_text])]) if live else None
+        self._syncing = False
 
     def update(self, record: dict): self.records.append(record); self.draw()
     def extend(self, records): self.records.extend(records); self.draw()
+    def set_records(self, records): self.records = list(records); self.draw()
 
     @classmethod
     def from_run(cls, run_dir, live: bool = True) -> 'Dashboard':
-        "Replay a finished or running run directory from its metrics log (`live=False`: plain figures, no widgets to save)."
+        "Replay a finished or running run directory from its metrics log (`live=False`: a plain figure, no widgets to save)."
         dash = cls(run_dir, live); dash.extend(read_metrics(run_dir)); return dash
 
     def refresh(self):
         "Re-read the run directory (a run still in progress shows its new steps)."
-        self.records = read_metrics(self.run_dir); self.draw()
+        self.set_records(read_metrics(self.run_dir))
 
     @classmethod
     def live(cls, trainer) -> 'Dashboard':
@@ -93,94 +49,78 @@ class Dashboard:
         trainer.callbacks.append(lambda tr, rec: dash.update(rec))
         return dash
 
+    def traces(self, panel: str) -> list:
+        "The figure's traces of one panel (`PANELS`)."
+        return [t for t in self.figure.data if t.meta == panel]
+
     def _ipython_display_(self):
         from IPython.display import display
-        display(self.widget)
+        display(self.widget if self.widget is not None else self.figure)
 
 # %% ../nbs/08_dashboard.ipynb #0b2ce2d6
 from fastcore.basics import patch
 
 @patch
 def draw(self: Dashboard):
-    "Redraw every panel from the records (in place: same figures, traces updated)."
+    "Redraw the figure from the records (in place) and show the latest evaluation."
     df, evals = split_records(self.records)
     if len(df):
-        data = panel_data(df)
-        for p in PANELS: self._draw_lines(p, data[p])
-        cos = data['cos']
-        if cos is not None and len(cos['steps']):
-            at_end = self.slider.value >= self.slider.max
-            self._cos = cos
-            self.slider.max = len(cos['steps']) - 1
-            if at_end: self.slider.value = self.slider.max
-            self._draw_cos()
+        self.data = panel_data(df, self.smooth, evals)
+        self._follow_cosines()
+        self._draw_figure()
     if evals: self._draw_eval(evals[-1])
 
 @patch
-def _draw_lines(self: Dashboard, panel: str, traces: list[dict]):
-    fig = self.figures[panel]
-    names = list(dict.fromkeys(t.get('group', t['name']) for t in traces))
-    with fig.batch_update():
-        if len(fig.data) != len(traces):
-            fig.data = ()
-            if panel == 'raw_rewards' and traces: fig.set_subplots(rows=1, cols=len(traces), subplot_titles=[t['name'] for t in traces])
-            for i, t in enumerate(traces):
-                col = names.index(t.get('group', t['name']))
-                kw = dict(row=1, col=i + 1) if panel == 'raw_rewards' else {}
-                fig.add_scatter(x=t['x'], y=t['y'], name=t['name'], mode='lines', showlegend=panel != 'raw_rewards',
-                                line=dict(color=_colour(col), dash=t.get('dash')), **kw)
-        else:
-            for tr, t in zip(fig.data, traces): tr.x, tr.y = t['x'], t['y']
+def _follow_cosines(self: Dashboard):
+    "The slider spans the steps with cosines; at its end it follows the newest one."
+    cos, s = self.data['cos'], self.slider
+    if cos is None: return
+    self._syncing, at_end = True, s.value >= s.max
+    try:
+        s.max = max(cos['steps'][-1], s.min); s.min = cos['steps'][0]
+        if at_end: s.value = s.max
+    finally: self._syncing = False
 
 @patch
-def _draw_cos(self: Dashboard):
-    cos, fig = getattr(self, '_cos', None), self.figures['cos']
-    if cos is None: return
-    i = min(self.slider.value, len(cos['steps']) - 1)
-    with fig.batch_update():
-        if not fig.data: fig.add_heatmap(z=cos['z'][i], x=cos['names'], y=cos['names'], zmin=-1, zmax=1, colorscale='RdBu')
-        else: fig.data[0].z = cos['z'][i]
-        fig.layout.title = f"gradient cosines at step {cos['steps'][i]}"
+def _cos_index(self: Dashboard) -> int:
+    "Which measured step the slider shows: the last one at or before its value."
+    cos = self.data['cos'] if self.data else None
+    return -1 if cos is None else max(bisect.bisect_right(cos['steps'], self.slider.value) - 1, 0)
+
+@patch
+def _draw_figure(self: Dashboard):
+    if self.data is None or self._syncing: return
+    refresh_figure(self.figure, dashboard_figure(self.data, self._cos_index()))
 
 @patch
 def _draw_eval(self: Dashboard, rec: dict):
     path = self.run_dir / 'eval' / f"step-{rec['step']:06d}.png" if self.run_dir else None
-    if path is not None and path.exists(): self.image.value = path.read_bytes()
-    rows = ''.join(f'<tr><td>{k}</td><td>{v:.4g}</td></tr>' for k, v in rec['eval'].items())
+    if path is not None and path.exists(): self.image.value, self.image.layout.display = path.read_bytes(), None
+    gain = rec.get('eval_gain', {}) | rec.get('gold_gain', {})
+    head = '<tr><th></th><th>mean</th>' + ('<th>gain</th>' if gain else '') + '</tr>'
+    means = list(rec['eval'].items()) + [(f'{k} (gold)', v) for k, v in rec.get('gold', {}).items()]   # gold: scored, never trained on
+    rows = ''.join(f'<tr><td>{k}</td><td>{v:.4g}</td>' + (f'<td>{gain[g]:+.3f}</td>' if (g := k.removesuffix(' (gold)')) in gain else '') + '</tr>'
+                   for k, v in means)
+    hack = ''.join(f'<p style="color:#b00"><b>possible reward hacking:</b> {h}</p>' for h in rec.get('hacking', []))
     prompts = ''.join(f'<li>{p}</li>' for p in rec.get('prompts', []))
-    self.eval_text.value = f"<b>eval at step {rec['step']}</b><table>{rows}</table><ol>{prompts}</ol>"
+    self.eval_text.value = f"<b>eval at step {rec['step']}</b><table>{head}{rows}</table>{hack}<ol>{prompts}</ol>"
 
 @patch
 def static_figures(self: Dashboard) -> dict:
-    "Plain plotly copies of every panel, for outputs that must render without a kernel (papermill)."
-    import plotly.graph_objects as go
-    return {k: go.Figure(f) for k, f in self.figures.items() if f.data}
+    "One plain plotly figure per panel with something to show, for outputs that must render without a kernel (papermill)."
+    return panel_figures(self.data, self._cos_index()) if self.data else {}
 
 # %% ../nbs/08_dashboard.ipynb #09051d44
 def run_label(run_dir) -> str:
-    "`<folder>: <method> + <scheduler>` (GRPO) or `<folder>: DPO, <labeler>` from a run's config.json."
-    cfg = json.loads((Path(run_dir) / 'config.json').read_text())
-    kind = f"{cfg['method']} + {cfg['scheduler']}" if 'method' in cfg else f"DPO, {cfg.get('labeler')}"
+    "`<folder>: <method> + <scheduler>` (GRPO; `+ <aggregator>` with one; `lab <preset>, …` for a lab run) or `<folder>: DPO, <labeler>`."
+    cfg = read_config(run_dir)
+    if 'method' in cfg:
+        kind = f"{cfg['method']} + {cfg['scheduler']}" + (f" + {cfg['aggregator']}" if cfg.get('aggregator') not in (None, 'none') else '')
+        if cfg.get('kind') == 'lab': kind = f"lab {cfg.get('preset')}, {kind}"
+    else: kind = f"DPO, {cfg.get('labeler')}"
     return f"{Path(run_dir).name}: {kind}"
 
-def final_gains(df: pd.DataFrame, k: int = 3) -> dict:
-    "Each objective's mean gain over the last `k` steps that have one, in start-spread units (NaN while the start is being measured)."
-    g = gains(df, objective_names(df)).dropna()
-    return g.iloc[-k:].mean().to_dict() if len(g) else {n: math.nan for n in g.columns}
-
 def compare(run_dirs) -> tuple[pd.DataFrame, object]:
-    "Final gains, balance and hypervolume per run (a table), and the profile figure."
-    import plotly.graph_objects as go
-    rows = {}
-    for d in run_dirs:
-        df, _ = split_records(read_metrics(d))
-        if df.empty: raise ValueError(f"{d} has no training steps in its metrics.jsonl")
-        fg = final_gains(df)
-        if any(math.isnan(v) for v in fg.values()): raise ValueError(f"{d} has no gains yet: its steps are all inside the gain warm-up (12_balance); train it longer")
-        rows[run_label(d)] = {**{f'gain/{n}': v for n, v in fg.items()}, 'balance': min(fg.values()), 'hypervolume': hypervolume_of_gains(list(fg.values()))}
-    table = pd.DataFrame(rows).T
-    fig = go.Figure(layout=dict(title=f'final gains per objective (hypervolume reference {HV_REFERENCE})', yaxis_title='gain (start-spread units)', width=700, height=360))
-    cols = [c for c in table.columns if c.startswith('gain/')]
-    for i, (label, row) in enumerate(table.iterrows()):
-        fig.add_scatter(x=[c[5:] for c in cols], y=row[cols].values, name=f"{label} (HV {row['hypervolume']:.3g})", line=dict(color=_colour(i)))
-    return table, fig
+    "Final gains, balance, hypervolume and share tracking per run (a table: `summarise` of each run's records), and the profile figure."
+    table = pd.DataFrame({run_label(d): summarise(read_metrics(d), where=str(d)) for d in run_dirs}).T
+    return table, profile_figure(table)

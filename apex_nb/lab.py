@@ -4,8 +4,8 @@
 
 # %% ../nbs/04_lab.ipynb #5f5299fc
 from __future__ import annotations
-import math, time
-from dataclasses import dataclass, field, replace, asdict
+import json, math, time
+from dataclasses import dataclass, field, fields, replace, asdict
 import numpy as np
 import pandas as pd
 import torch
@@ -14,11 +14,13 @@ from .normalize import NORMALIZERS, typical_group_std
 from .diagnostics import conflict_stats, seesaw_index
 from .priorities import SCHEDULERS, AGGREGATORS
 from .balance import Balance
+from .runs import RunDir, write_atomic
+from .summary import HV_REFERENCE, hypervolume_of_gains, summarise   # one definition of the run summary (14_summary)
 
 # %% auto #0
-__all__ = ['KINDS', 'PRESETS', 'P3_TERMS', 'HV_REFERENCE', 'SimObjective', 'directions_with_cosines', 'conflict_matrix',
-           'LabConfig', 'get_preset', 'LabEnv', 'GaussianPolicy', 'initial_levels', 'evaluate', 'surrogate_jacobian',
-           'run_lab', 'hypervolume_of_gains', 'lab_summary', 'compare_methods', 'customise', 'lab_views', 'LabExplorer']
+__all__ = ['KINDS', 'PRESETS', 'P3_TERMS', 'SimObjective', 'directions_with_cosines', 'conflict_matrix', 'LabConfig',
+           'get_preset', 'LabEnv', 'GaussianPolicy', 'initial_levels', 'evaluate', 'surrogate_jacobian', 'run_lab',
+           'lab_records', 'lab_run_config', 'lab_summary', 'compare_methods', 'customise', 'LabExplorer']
 
 # %% ../nbs/04_lab.ipynb #e1539712
 KINDS = ('continuous', 'binomial')
@@ -258,8 +260,9 @@ P3_TERMS = ('p', 'LP', 'PN', 'CP', 'pi')
 def run_lab(preset='apex4', method: str = 'apex', scheduler: str = 'p3', steps: int = 300, seed: int = 0,
             weights=None, conflict_every: int = 1, method_options: dict | None = None, scheduler_options: dict | None = None,
             aggregator: str = 'none', aggregator_options: dict | None = None, adv_clip: float | None = 5.0,
-            seesaw_window: int = 20, callback=None, **overrides) -> pd.DataFrame:
-    "Train the lab policy with a `Balance` (normaliser + scheduler, optionally a torchjd aggregator); the tidy history, final gains in `.attrs`."
+            seesaw_window: int = 20, callback=None, on_record=None, out_dir=None, **overrides) -> pd.DataFrame:
+    """Train the lab policy with a `Balance` (normaliser + scheduler, optionally a torchjd aggregator); the tidy history, final gains in `.attrs`.
+    `on_record(record)` gets each step's record in the trainers' schema as it happens; `out_dir` makes the run a run folder (config.json, metrics.jsonl)."""
     cfg = get_preset(preset, **overrides) if isinstance(preset, str) else preset
     names, K = cfg.names, len(cfg.objectives)
     if int(steps) < 1: raise ValueError(f"steps must be >= 1, got {steps}")
@@ -267,6 +270,9 @@ def run_lab(preset='apex4', method: str = 'apex', scheduler: str = 'p3', steps: 
         raise ValueError(f"got {torch.as_tensor(weights).numel()} weights {list(weights)} for {K} objectives {names}")
     balance = Balance(torch.ones(K) if weights is None else weights, method, scheduler, aggregator, method_options, scheduler_options,
                       aggregator_options, adv_clip, conflict_every=conflict_every)   # the trainers' balance: the same code, the same rules
+    run_info = dict(preset=preset if isinstance(preset, str) else 'custom', method=method, scheduler=scheduler, aggregator=aggregator, steps=int(steps), seed=seed)
+    run = None if out_dir is None else RunDir(out_dir, lab_run_config(cfg, run_info, weights=weights, conflict_every=conflict_every, method_options=method_options,
+                                                                     scheduler_options=scheduler_options, aggregator_options=aggregator_options, adv_clip=adv_clip))
     env = LabEnv(cfg, seed)
     policy = GaussianPolicy(cfg.prompt_dim, env.action_dim, cfg.action_std)
     params = list(policy.parameters())
@@ -274,6 +280,7 @@ def run_lab(preset='apex4', method: str = 'apex', scheduler: str = 'p3', steps: 
     gen, g = torch.Generator().manual_seed(seed + 1), group_ids_for([cfg.group_size] * cfg.groups)
     mu0, sigma0 = initial_levels(env, policy)
     rec, cos_log, t0 = {k: [] for k in ('raw_mean', 'gain', 'weight', 'effective_share', 'cos_mean', *P3_TERMS, 'conflict_rate', 'adv_clipped')}, [], time.perf_counter()
+    sched_w = []   # with an aggregator, `weight` logs its pull: the scheduler's weights are kept beside it for the records
     nan_k = [math.nan] * K
     with torch.inference_mode():   # the lab's gradients are closed-form: autograd's bookkeeping would only slow every op
         for t in range(int(steps)):
@@ -286,7 +293,7 @@ def run_lab(preset='apex4', method: str = 'apex', scheduler: str = 'p3', steps: 
             diag, train = _step_gradients(policy, a, x, bal, balance.diagnoses(t), balance.aggregates)
             conf = None if diag is None else conflict_stats(diag)
             w = bal.weights
-            if balance.aggregates: w = _aggregated_gradient(policy, train, balance, seed + t).display
+            if balance.aggregates: w = _aggregated_gradient(policy, train, balance, seed + t).display; sched_w.append((bal.weights / bal.weights.sum()).tolist())
             else: _set_grads(policy, train)
             opt.step()
             balance.observe(t, R, g, prompts.tolist(), None if conf is None else conf['cos'], spread=bal.spread)   # per-prompt progress, not prompt-sampling noise
@@ -300,34 +307,63 @@ def run_lab(preset='apex4', method: str = 'apex', scheduler: str = 'p3', steps: 
             rec['conflict_rate'].append(conf['conflict_rate'] if conf is not None else math.nan)
             rec['adv_clipped'].append(bal.stats['clipped'])
             cos_log.append(cos.numpy())
-            if callback is not None:
-                with torch.inference_mode(False): callback(t, rec)   # the caller's code runs as usual
+            if callback is not None or on_record is not None:
+                with torch.inference_mode(False):   # the caller's code runs as usual
+                    if callback is not None: callback(t, rec)
+                    if on_record is not None: on_record(_step_records(names, t, {k: v[-1:] for k, v in rec.items()}, cos_log[-1:], sched_w[-1:] or None)[0])
         df = _history_frame(names, rec, seesaw_window)
-        final = ((evaluate(env, policy) - mu0) / sigma0).tolist()
+        final_level = evaluate(env, policy)
+        final = ((final_level - mu0) / sigma0).tolist()
     df.attrs.update(final_gain=dict(zip(names, final)), cos=np.stack(cos_log),
                     seconds=time.perf_counter() - t0, names=names, start_mean=dict(zip(names, mu0.tolist())),
-                    start_spread=dict(zip(names, sigma0.tolist())),
-                    run=dict(preset=preset if isinstance(preset, str) else 'custom', method=method, scheduler=scheduler, aggregator=aggregator,
-                             steps=int(steps), seed=seed))
+                    start_spread=dict(zip(names, sigma0.tolist())), final_level=dict(zip(names, final_level.tolist())), run=run_info,
+                    **({'scheduler_weight': np.asarray(sched_w)} if sched_w else {}))
+    if run is not None:
+        try: write_atomic(run.metrics_path, ''.join(json.dumps(r) + '\n' for r in lab_records(df)), 'the metrics log')
+        finally: run.close()
     return df
 
-# %% ../nbs/04_lab.ipynb #49317881
-HV_REFERENCE = -1.0
+# %% ../nbs/04_lab.ipynb #01c3beff
+_RECORD_KEYS = (('raw_mean', 'raw_mean'), ('effective_share', 'share'), ('weight', 'weight'), ('gain', 'gain'))
+_MEASURED_KEYS = ('cos_mean', *P3_TERMS)   # logged on the steps that measured them
 
-def hypervolume_of_gains(gains) -> float:
-    "Hypervolume (moocore, maximised) of one final gain vector against the reference point −1 in every objective."
-    import moocore
-    return float(moocore.hypervolume(np.asarray(gains, dtype=float)[None], ref=np.full(len(gains), HV_REFERENCE), maximise=True))
+def _step_records(names, first: int, cols: dict, cos, scheduler_weight=None) -> list[dict]:
+    "Records (trainers' schema) of consecutive lab steps from step `first` on, from per-step values: `cols[key]` T×K (T for scalars), `cos` T×K×K."
+    per = {key: np.asarray(cols[col], dtype=float) for col, key in _RECORD_KEYS}
+    if scheduler_weight is not None: per['agg_weight'], per['weight'] = per['weight'], np.asarray(scheduler_weight, dtype=float)
+    measured = {k: np.asarray(cols[k], dtype=float) for k in _MEASURED_KEYS}
+    keys = {key: [f'{key}/{n}' for n in names] for key in (*per, *measured)}
+    out = []
+    for i in range(len(per['gain'])):
+        r = {'step': first + i}
+        for key, arr in per.items(): r.update(zip(keys[key], arr[i].tolist()))
+        for key, arr in measured.items():
+            if not np.isnan(arr[i]).all(): r.update(zip(keys[key], arr[i].tolist()))   # e.g. P³'s terms once it has them, as a trainer logs them
+        c, rate = np.asarray(cos[i], dtype=float), float(cols['conflict_rate'][i])
+        r.update(cos=None if np.isnan(c).all() else c.tolist(), conflict_rate=None if math.isnan(rate) else rate, adv_clipped=float(cols['adv_clipped'][i]))
+        out.append(r)
+    return out
+
+def lab_records(h: pd.DataFrame) -> list[dict]:
+    "A lab run's records in the trainers' schema (`metrics.jsonl` keys): one per step, then its final noise-free evaluation."
+    a = h.attrs
+    names = a['names']; K = len(names); T = len(h) // K
+    cols = {c: h[c].to_numpy().reshape(T, K) for c in ('raw_mean', 'effective_share', 'weight', 'gain', 'cos_mean', *P3_TERMS)}
+    cols.update({c: h[c].to_numpy()[::K] for c in ('conflict_rate', 'adv_clipped')})
+    return _step_records(names, 0, cols, a['cos'], a.get('scheduler_weight')) + [dict(step=T, eval=a['final_level'], eval_gain=a['final_gain'])]
+
+def lab_run_config(cfg: LabConfig, run_info: dict, **balance_options) -> dict:
+    "What a lab run folder's config.json says: `kind: lab`, the run (preset, method, scheduler, …), the balance options and the problem."
+    problem = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ('objectives', 'cosines')}
+    problem.update(objectives=[asdict(o) for o in cfg.objectives], cosines=torch.as_tensor(cfg.cosines).tolist())
+    w = balance_options.get('weights')
+    return dict(kind='lab', **run_info, **dict(balance_options, weights=None if w is None else torch.as_tensor(w, dtype=torch.float64).tolist()),
+                objectives=cfg.names, problem=problem)
 
 # %% ../nbs/04_lab.ipynb #9a932793
 def lab_summary(h: pd.DataFrame, warmup: int = 3) -> dict:
-    "One run's final gains, balance, hypervolume and share tracking (|effective − nominal| after warm-up)."
-    names, gains = h.attrs['names'], h.attrs['final_gain']
-    after = h[h.step >= warmup]
-    dev = (after.effective_share - after.weight).abs()
-    return dict(**{f'gain/{n}': gains[n] for n in names}, balance=min(gains.values()), hypervolume=hypervolume_of_gains(list(gains.values())),
-                **{f'share/{n}': after[after.objective == n].effective_share.mean() for n in names},
-                share_dev_mean=float(dev.mean()), share_dev_p90=float(dev.quantile(0.9)))
+    "One run's final gains, balance, hypervolume and share tracking (|effective − nominal| after warm-up): `summarise` of its records."
+    return summarise(lab_records(h), warmup)
 
 def compare_methods(configs: dict, preset='apex4', seeds=range(5), steps: int = 300, **kw) -> pd.DataFrame:
     "Run each `{label: dict(method=…, scheduler=…, …)}` on the same seeds; mean and std of `lab_summary` per label."
@@ -350,25 +386,13 @@ def customise(cfg: LabConfig, dispersion: float = 1.0, conflict_deg: float | Non
     directions_with_cosines(cos)   # refuses impossible angles now, with the matrix in the message
     return replace(cfg, objectives=[first] + list(cfg.objectives[1:]), cosines=cos)
 
-# %% ../nbs/04_lab.ipynb #82d160d5
-def lab_views(h: pd.DataFrame, smooth: int = 10) -> dict:
-    "Plot data from a lab history: per-objective curves, and the pairwise cosine heatmap (pairs × steps)."
-    names, views = h.attrs['names'], {'share': {}, 'weight': {}, 'gain': {}}
-    for n in names:
-        d = h[h.objective == n]
-        views['share'][n] = (d.step.values, d.effective_share.rolling(smooth, min_periods=1).mean().values)
-        views['weight'][n] = (d.step.values, d.weight.values)
-        views['gain'][n] = (d.step.values, d.gain.values)
-    iu = np.triu_indices(len(names), 1)
-    views['cos'] = dict(pairs=[f'{names[i]}–{names[j]}' for i, j in zip(*iu)], steps=np.arange(h.step.max() + 1),
-                        z=h.attrs['cos'][:, iu[0], iu[1]].T)
-    return views
-
 # %% ../nbs/04_lab.ipynb #69bd5bf8
 class LabExplorer:
-    "ipywidgets controls + plotly FigureWidgets that re-run the lab and redraw in place on every change."
-    def __init__(self, preset='apex4', method='apex', scheduler='p3', aggregator='none', steps=150, seed=0, dispersion=1.0, conflict_deg=None):
+    "ipywidgets controls that re-run the lab on every change, and the run dashboard (`08_dashboard`) showing the run's records."
+    def __init__(self, preset='apex4', method='apex', scheduler='p3', aggregator='none', steps=150, seed=0, dispersion=1.0, conflict_deg=None,
+                 smooth: int = 10):
         import ipywidgets as W
+        from apex_nb.dashboard import Dashboard
         cfg = get_preset(preset)
         angle = conflict_deg if conflict_deg is not None else math.degrees(math.acos(float(cfg.cosines[0, 1])))
         self.controls = dict(
@@ -380,41 +404,16 @@ class LabExplorer:
             aggregator=W.Dropdown(options=['none'] + AGGREGATORS.names(), value=aggregator, description='aggregator'),
             steps=W.IntSlider(value=steps, min=10, max=1000, step=10, description='steps'),
             seed=W.IntText(value=seed, description='seed'))
-        self.status = W.HTML()
-        self.figures = {k: self._figure(t) for k, t in [('share', 'effective share (solid) vs nominal weight (dashed)'),
-                        ('weight', 'weights'), ('gain', 'gain (start-spread units)'), ('cos', 'gradient cosine, pairs × steps')]}
+        self.status, self.dashboard = W.HTML(), Dashboard(smooth=smooth)
         for w in self.controls.values(): w.observe(lambda change: self.run(), names='value')
-        self.widget = W.VBox([W.HBox(list(self.controls.values())[:4]), W.HBox(list(self.controls.values())[4:] + [self.status]),
-                              W.HBox([self.figures['share'], self.figures['weight']]), W.HBox([self.figures['gain'], self.figures['cos']])])
+        self.widget = W.VBox([W.HBox(list(self.controls.values())[:4]), W.HBox(list(self.controls.values())[4:] + [self.status]), self.dashboard.widget])
         self.run()
 
-    @staticmethod
-    def _figure(title):
-        import plotly.graph_objects as go
-        return go.FigureWidget(layout=dict(title=title, width=560, height=340, margin=dict(l=40, r=10, t=40, b=30)))
-
     def run(self):
-        "Re-run the lab with the current control values and redraw every figure in place."
+        "Re-run the lab with the current control values and show its records in the dashboard (in place)."
         c = {k: w.value for k, w in self.controls.items()}
         try: cfg = customise(get_preset(c['preset']), c['dispersion'], c['conflict_deg'])
         except ValueError as e: self.status.value = f'<b>not run:</b> {e}'; return
         self.history = run_lab(cfg, c['method'], c['scheduler'], steps=c['steps'], seed=c['seed'], aggregator=c['aggregator'])
         self.status.value = f"{c['steps']} steps in {self.history.attrs['seconds']:.2f} s"
-        self.draw(lab_views(self.history))
-
-    def draw(self, views):
-        import plotly.colors
-        palette = plotly.colors.qualitative.Plotly
-        for key in ('share', 'weight', 'gain'):
-            fig, curves = self.figures[key], views[key]
-            with fig.batch_update():
-                fig.data = ()
-                for i, (name, (x, y)) in enumerate(curves.items()):
-                    fig.add_scatter(x=x, y=y, name=name, line=dict(color=palette[i % len(palette)]))
-                    if key == 'share':
-                        wx, wy = views['weight'][name]
-                        fig.add_scatter(x=wx, y=wy, name=f'{name} weight', line=dict(color=palette[i % len(palette)], dash='dash'), showlegend=False)
-        cos, fig = views['cos'], self.figures['cos']
-        with fig.batch_update():
-            fig.data = ()
-            fig.add_heatmap(z=cos['z'], x=cos['steps'], y=cos['pairs'], zmin=-1, zmax=1, colorscale='RdBu')
+        self.dashboard.set_records(lab_records(self.history))

@@ -100,7 +100,7 @@ def test_truncated_last_log_line_is_skipped_on_resume_and_replay(tmp_path):
         warnings.simplefilter("always")
         dash = Dashboard.from_run(out)                                 # replay skips the broken line, with a warning
     assert any("line 4 is not valid JSON" in str(x.message) for x in w), [str(x.message) for x in w]
-    assert len(dash.figures["weights"].data[0].x) == 2
+    assert len(dash.traces("weights")[0].x) == 2
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         GRPOTrainer(GRPOConfig(**{**FAST, "steps": 3}, out_dir=str(out), resume=True)).train()

@@ -1,6 +1,8 @@
 """The widgets in a real JupyterLab: start JupyterLab on 127.0.0.1, open a notebook that builds the lab explorer and the
-dashboard of a short tiny-random run (ipywidgets + plotly FigureWidgets), run it in headless Chromium driven by Playwright,
-and check that the plotly widgets rendered SVG traces in the DOM. A screenshot is saved next to the test's files (and to runs/ for a look)."""
+dashboard of a short tiny-random run (ipywidgets + one plotly FigureWidget each, every panel a subplot), run it in headless
+Chromium driven by Playwright, check that the figures rendered their subplots, SVG traces and heatmaps in the DOM, then
+change a control of the explorer from the kernel and check that the figure on the page follows (live, in place).
+A screenshot is saved next to the test's files (and to runs/ for a look)."""
 import json, os, shutil, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
 import pytest
@@ -11,7 +13,8 @@ pytestmark = pytest.mark.slow
 
 CELLS = ["from apex_nb.lab import LabExplorer\nex = LabExplorer('apex4', 'static', 'static', steps=40)\nex.widget",
          "from apex_nb.grpo import GRPOTrainer, make_config\nfrom apex_nb.dashboard import Dashboard\n"
-         "run = GRPOTrainer(make_config('tiny-random', steps=4, out_dir='run', save_every=0)).train()\nDashboard.from_run(run).widget"]
+         "run = GRPOTrainer(make_config('tiny-random', steps=4, out_dir='run', save_every=0)).train()\nDashboard.from_run(run).widget",
+         "ex.controls['steps'].value = 80   # re-runs the lab: the explorer's figure must follow on the page"]
 NOTEBOOK = {"cells": [{"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None, "source": src} for src in CELLS],
             "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
             "nbformat": 4, "nbformat_minor": 5}
@@ -57,13 +60,23 @@ def test_lab_explorer_renders_in_jupyterlab(jupyterlab):
         time.sleep(2)                                       # let the kernel connect
         page.click(".jp-Notebook .jp-Cell .jp-InputArea-editor")
         page.keyboard.press("Shift+Enter"); page.keyboard.press("Shift+Enter")   # the lab explorer, then the run's dashboard
-        page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 11", timeout=240_000)
+        page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 2 && "
+                               "document.querySelectorAll('.js-plotly-plot')[1].querySelectorAll('.scatterlayer .trace').length > 0", timeout=240_000)
         time.sleep(2)
-        traces = page.locator(".js-plotly-plot .scatterlayer .trace").count()
-        plots = page.locator(".js-plotly-plot").count()
+        count = lambda sel: page.locator(sel).count()
+        plots, subplots = count(".js-plotly-plot"), count(".js-plotly-plot .cartesianlayer > .subplot")
+        traces, heatmaps = count(".js-plotly-plot .scatterlayer .trace"), count(".js-plotly-plot .heatmaplayer .hm")
+        points = "document.querySelectorAll('.js-plotly-plot')[0].calcdata[0].length"   # the explorer's first trace, as drawn
+        before = page.evaluate(points)
+        page.keyboard.press("Shift+Enter")                                    # the third cell: 80 steps instead of 40
+        page.wait_for_function(f"{points} === 80", timeout=120_000)
+        after, traces_after = page.evaluate(points), count(".js-plotly-plot .scatterlayer .trace")
         shot = folder / "jupyterlab-dashboard.png"
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     (ROOT / "runs").mkdir(exist_ok=True); shutil.copy(shot, ROOT / "runs" / "jupyterlab-dashboard.png")
-    # the explorer's 4 figures + the dashboard's 7 panels; share/weight curves for 4 objectives in each
-    assert plots >= 11 and traces >= 30, (plots, traces)
+    # two figures (the explorer's dashboard and the run's), each holding every panel as subplots: shares vs weights, weights,
+    # 4 raw-reward plots, gains (+ P³ priorities and losses for the run), the cosines at a step and over the run
+    assert plots == 2 and subplots >= 2 * 8, (plots, subplots)
+    assert traces >= 2 * (8 + 4 + 4 + 4) and heatmaps >= 4, (traces, heatmaps)   # 4 objectives: share + dashed weight, weight, raw, gain
+    assert (before, after, traces_after) == (40, 80, traces), (before, after, traces_after)   # redrawn in place: same traces, new data

@@ -9,10 +9,17 @@ ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / "nbs" / "train.ipynb"
 
 
+MAX_SAVED_BYTES = 8_000_000    # an executed notebook with the live dashboard stays small enough to mail (≤ 8 MB)
+
+
 def execute(tmp_path, **params):
     out = tmp_path / "out.ipynb"
     pm.execute_notebook(str(NB), str(out), parameters=params, kernel_name="python3", cwd=str(tmp_path), progress_bar=False)
     return json.loads(out.read_text())
+
+
+def widget_state(nb):
+    return nb["metadata"].get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
 
 
 def outputs(nb, kind):
@@ -32,13 +39,18 @@ def test_defaults_run_and_save_figures(tmp_path):
 
 
 def test_overrides_take_effect_and_dashboard_replays(tmp_path):
-    execute(tmp_path, objectives='["ocr","brisque"]', steps=3, method="static", scheduler="dwa", out_dir=str(tmp_path / "run"))
+    nb = execute(tmp_path, objectives='["ocr","brisque"]', steps=3, method="static", scheduler="dwa", out_dir=str(tmp_path / "run"))
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (cfg["objectives"], cfg["steps"], cfg["method"], cfg["scheduler"]) == (["ocr", "brisque"], 3, "static", "dwa")
+    # the live dashboard (the default) is saved as one plotly FigureWidget: one copy of plotly.js, a notebook you can mail
+    copies = [m for m in widget_state(nb).values() if len(m["state"].get("_esm", "")) > 1_000_000]   # a FigureWidget's own plotly.js
+    assert len(copies) == 1, [m["model_name"] for m in widget_state(nb).values()]
+    size = (tmp_path / "out.ipynb").stat().st_size
+    assert size <= MAX_SAVED_BYTES, f"the executed notebook is {size / 1e6:.1f} MB (bound {MAX_SAVED_BYTES / 1e6:.0f} MB)"
     from apex_nb.dashboard import Dashboard
     dash = Dashboard.from_run(tmp_path / "run")
-    assert sorted(dash.static_figures()) == ["cos", "losses", "normalised_rewards", "raw_rewards", "share_vs_weight", "weights"]
-    assert len(dash.figures["weights"].data) == 2
+    assert sorted(dash.static_figures()) == ["cos", "cos_pairs", "losses", "normalised_rewards", "raw_rewards", "share_vs_weight", "weights"]
+    assert len(dash.traces("weights")) == 2
 
 
 @pytest.mark.parametrize("params, message", [
