@@ -58,7 +58,8 @@ class TrainerCore:
         if trackers: self.acc.init_trackers(Path(cfg.out_dir).name, tracker_config(asdict(cfg)), cfg.tracker_options)   # main process only
         self.rewards = place_rewards(parsed['rewards'], self.acc.device, cfg.reward_options)
         self.gold_rewards = place_rewards(parsed['gold_rewards'], self.acc.device, cfg.reward_options)   # scored, never trained on
-        self.gold_names, self.gold_signs = list(self.gold_rewards), torch.tensor([o.sign for o in parsed['gold']])
+        self.gold_names = list(self.gold_rewards)
+        self.gold_signs = torch.tensor([float(o.sign) for o in parsed['gold']], dtype=torch.float64)   # chosen, not torch's default dtype (also when empty)
         self.setup(parsed)
         self.pipe = pipe if pipe is not None else self._load_pipeline()
         self.params = self.add_lora()
@@ -354,7 +355,7 @@ def eval_gains(self: TrainerCore, X: torch.Tensor, groups: torch.Tensor) -> dict
     if self.step == 0: self.eval_start = eval_start(X, groups)
     if self.eval_start is None: return {}                            # no step-0 evaluation (eval_every=0): no start to compare with
     mu0, s0 = self.eval_start
-    gain = (torch.cat([self.signs, self.gold_signs]).double() * (X.double().mean(0) - mu0) / s0).tolist()
+    gain = (torch.cat([self.signs.double(), self.gold_signs]) * (X.double().mean(0) - mu0) / s0).tolist()
     K = len(self.names)
     out = dict(eval_gain=dict(zip(self.names, gain[:K])))
     if self.gold_names:
