@@ -6,6 +6,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
+# nbdev_test's skip pattern: scratch notebooks (its default) and the papermill entry points that tests/ execute
+PAPERMILL_ENTRY_POINTS := ^[_.]|^(train|dpo|experiment)\.ipynb$$
 # The main job's notebook and where its executed copy goes.
 TRAIN_NB ?= nbs/train.ipynb
 OUT ?= runs/train-out.ipynb
@@ -43,11 +45,16 @@ train: setup
 
 test: setup
 	@$(call apt_if_missing,chromium,chromium)   # for the JupyterLab browser test
-	@echo "nbdev_test: $$(ls nbs/*.ipynb | grep -v '/_' | wc -l) notebooks"
+	@echo "nbdev_test: $$(ls nbs/*.ipynb | grep -vcE '/(_|train.ipynb|dpo.ipynb|experiment.ipynb)') notebooks (the papermill entry points run in tests/)"
 # two notebooks at once on two cores, one thread each: torch's default of one thread per core makes two processes' threads
 # spin against each other (run_lab measured 2.6x slower with 2 threads than with 1 beside other busy processes)
-	OMP_NUM_THREADS=1 PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_test --n_workers 2 --do_print
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q tests/
+# The papermill entry points (train, dpo, experiment) are executed by tests/ with papermill, as users run them, and their
+# outputs checked there: nbdev_test skips them rather than run them a second time.
+	OMP_NUM_THREADS=1 PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_test --n_workers 2 --do_print --timing --skip_file_re '$(PAPERMILL_ENTRY_POINTS)'
+# pytest on both cores (pytest-xdist, one thread per worker); the browser test (marked slow: a JupyterLab server, a kernel
+# and Chromium) runs alone afterwards, where its page timeouts do not depend on what the other worker is doing
+	OMP_NUM_THREADS=1 PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q -n 2 -m "not slow" tests/
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest -q -m slow tests/
 	@before=$$(git diff -- nbs apex_nb; git status --porcelain -- nbs apex_nb); \
 	  PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_export && PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_clean; \
 	  after=$$(git diff -- nbs apex_nb; git status --porcelain -- nbs apex_nb); \

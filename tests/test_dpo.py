@@ -49,9 +49,10 @@ def test_resume_matches_uninterrupted(tmp_path):
 
 
 def test_notebook_defaults(tmp_path):
+    "dpo.ipynb as users run it (papermill, the live dashboard on): nbdev_test skips this entry point, it runs here."
     import papermill as pm
     out = tmp_path / 'out.ipynb'
-    pm.execute_notebook(str(ROOT / 'nbs' / 'dpo.ipynb'), str(out), parameters=dict(out_dir=str(tmp_path / 'run'), steps=2, live_dashboard=False),
+    pm.execute_notebook(str(ROOT / 'nbs' / 'dpo.ipynb'), str(out), parameters=dict(out_dir=str(tmp_path / 'run'), steps=2),
                         kernel_name='python3', cwd=str(tmp_path), progress_bar=False)
     nb = json.loads(out.read_text())
     figures = [o for c in nb['cells'] for o in c.get('outputs', []) if 'application/vnd.plotly.v1+json' in o.get('data', {})]
