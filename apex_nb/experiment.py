@@ -22,10 +22,10 @@ __all__ = ['RESERVED_PARAMS', 'EXPERIMENT_FILE', 'RUNS_LOG', 'GAIN_FLOOR', 'defa
            'check_evaluates_start', 'spec_differences', 'check_root', 'open_root', 'run_finished', 'run_state',
            'plan_runs', 'ExperimentError', 'executed_notebook', 'papermill_job', 'descendants', 'start_time',
            'Children', 'execute_run', 'run_experiment', 'objective_signs', 'eval_records', 'within_prompt_std',
-           'start_spread', 'gains', 'share_tracking', 'balance_and_hypervolume', 'run_measures', 'measure_run',
-           'collect_measures', 'bootstrap_ci', 'excludes_zero', 'measure_columns', 'method_table', 'paired_differences',
-           'method_pairs', 'pairwise_table', 'mean_ci_text', 'format_table', 'format_pairs', 'gain_figure',
-           'significance_text', 'ExperimentReport', 'experiment_report']
+           'start_spread', 'gains', 'share_tracking', 'balance_and_hypervolume', 'logged_gains', 'run_measures',
+           'measure_run', 'collect_measures', 'bootstrap_ci', 'excludes_zero', 'measure_columns', 'method_table',
+           'paired_differences', 'method_pairs', 'pairwise_table', 'mean_ci_text', 'format_table', 'format_pairs',
+           'gain_figure', 'significance_text', 'ExperimentReport', 'experiment_report']
 
 # %% ../nbs/18_experiment.ipynb #ae26940c
 RESERVED_PARAMS = {'seed': 'the experiment sets it from `seeds`',
@@ -405,6 +405,14 @@ def balance_and_hypervolume(gain_values) -> tuple[float, float]:
     if not g or not all(math.isfinite(x) for x in g): return math.nan, math.nan
     return min(g), hypervolume_of_gains(g)
 
+# %% ../nbs/18_experiment.ipynb #7cbe5aab
+def logged_gains(first: dict, last: dict, key: str) -> tuple[dict, dict] | None:
+    """The gains the trainer logged with the last evaluation (`eval_gain`, `gold_gain`: 17_trainer's formula, the one that
+    raises the hacking flag) for every name in `first[key]`, with their unit; None when the log has none (older runs: recomputed)."""
+    logged = last.get(f'{key}_gain')
+    if not logged or set(logged) != set(first[key]): return None
+    return {n: float(logged[n]) for n in first[key]}, {n: 'within-prompt' for n in first[key]}
+
 # %% ../nbs/18_experiment.ipynb #450da9d1
 def run_measures(records: list[dict], signs: dict, gold_signs: dict | None = None, warmup: int = 3) -> dict:
     "One run's measures: gain/<name>, balance, hypervolume, gold_gain/<name>, share_tracking, gain_unit, eval_step."
@@ -412,11 +420,11 @@ def run_measures(records: list[dict], signs: dict, gold_signs: dict | None = Non
     if not evals or evals[0]['step'] != 0:
         raise ValueError(f"no evaluation at step 0 (evaluated steps: {[r['step'] for r in evals]}): gains need it; run with eval_every >= 1")
     first, last = evals[0], evals[-1]
-    g, units = gains(first, last, 'eval', signs)
+    g, units = logged_gains(first, last, 'eval') or gains(first, last, 'eval', signs)
     out = {f'gain/{n}': v for n, v in g.items()}
     out['balance'], out['hypervolume'] = balance_and_hypervolume(g.values())
     if first.get('gold'):
-        gg, gold_units = gains(first, last, 'gold', gold_signs or {})
+        gg, gold_units = logged_gains(first, last, 'gold') or gains(first, last, 'gold', gold_signs or {})
         out |= {f'gold_gain/{n}': v for n, v in gg.items()}
         units = units | {f'gold:{n}': u for n, u in gold_units.items()}
     out['share_tracking'] = share_tracking(records, list(g), warmup)
