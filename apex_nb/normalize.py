@@ -186,28 +186,28 @@ def typical_group_std(R: torch.Tensor, g: torch.Tensor, stds: torch.Tensor | Non
 # %% ../nbs/01_normalize.ipynb #fb91e0f5
 def risk_budget_coefficients(cov: torch.Tensor, budgets: torch.Tensor, ridge: float = 1e-3, iters: int = 50, tol: float = 1e-10) -> torch.Tensor:
     "λ ≥ 0 with λ_k(Σλ)_k / λᵀΣλ = b_k/Σb (zero budget → λ_k = 0); Newton on ½λᵀΣλ − Σ b log λ, in float64."
+    # K×K numbers: the whole Newton loop runs in numpy on CPU copies (a torch solve of a 4×4 system costs ~50 µs of call
+    # overhead, numpy's ~15 µs; ~5 iterations every step). Its float32 λ is the same loop's in torch, bit for bit (tested
+    # below): the two float64 answers differ only far below float32's last bit.
     S = torch.as_tensor(cov, dtype=torch.float64).detach()
-    b = torch.as_tensor(budgets, dtype=torch.float64).detach()
+    dev, S = S.device, S.cpu().numpy()
+    b = torch.as_tensor(budgets, dtype=torch.float64).detach().cpu().numpy()
     b = b / b.sum()
     live = b > 0
     every = bool(live.all())                                                # the usual case: no sub-matrix to cut out
-    S, bl = (S, b) if every else (S[live][:, live], b[live])
-    S = S + ridge * S.diagonal().mean().clamp_min(1e-12) * torch.eye(len(bl), dtype=S.dtype)
-    lam_t = (bl / S.diagonal()).sqrt()                                      # exact when Σ is diagonal
-    # The loop's elementwise steps run on numpy views of the same float64 numbers (+ − × ÷ round alike in numpy and torch,
-    # at a fifth of the call overhead); S·λ and the solve stay torch calls, whose BLAS/LAPACK summation order sets the
-    # last bit. λ is updated in place inside `lam_t`'s memory, which S·λ reads.
-    Sn, bn, lam = S.numpy(), bl.numpy(), lam_t.numpy()
+    S, bl = (S, b) if every else (S[np.ix_(live, live)], b[live])
+    S = S + ridge * max(float(S.diagonal().mean()), 1e-12) * np.eye(len(bl))
+    lam = np.sqrt(bl / S.diagonal())                                        # exact when Σ is diagonal
     for _ in range(iters):
-        grad = (S @ lam_t).numpy() - bn / lam
-        step = torch.linalg.solve(torch.from_numpy(Sn + np.diag(bn / lam ** 2)), torch.from_numpy(grad)).numpy()
+        grad = S @ lam - bl / lam
+        step = np.linalg.solve(S + np.diag(bl / lam ** 2), grad)
         up = step > 0
         shrink = 0.9 * float((lam[up] / np.maximum(step[up], 1e-300)).min()) if up.any() else 1.0   # stay inside λ > 0
-        lam -= min(1.0, shrink) * step
+        lam = lam - min(1.0, shrink) * step
         if np.abs(grad).max() < tol: break
-    if every: return lam_t.float()
-    out = torch.zeros_like(b); out[live] = lam_t
-    return out.float()
+    if not every:
+        full = np.zeros_like(b); full[live] = lam; lam = full
+    return torch.from_numpy(lam).to(dev, torch.float32)
 
 def variance_shares(cov: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     "Each term's share λ_k(Σλ)_k/λᵀΣλ of the variance of Σ_k λ_k z_k."
