@@ -24,8 +24,8 @@ __all__ = ['RESERVED_PARAMS', 'EXPERIMENT_FILE', 'RUNS_LOG', 'GAIN_FLOOR', 'defa
            'Children', 'execute_run', 'run_experiment', 'objective_signs', 'eval_records', 'within_prompt_std',
            'start_spread', 'gains', 'share_tracking', 'balance_and_hypervolume', 'logged_gains', 'run_measures',
            'measure_run', 'collect_measures', 'bootstrap_ci', 'excludes_zero', 'measure_columns', 'method_table',
-           'paired_differences', 'method_pairs', 'pairwise_table', 'mean_ci_text', 'format_table', 'format_pairs',
-           'gain_figure', 'significance_text', 'ExperimentReport', 'experiment_report']
+           'paired_differences', 'method_pairs', 'pairwise_table', 'check_pairs', 'mean_ci_text', 'format_table',
+           'format_pairs', 'gain_figure', 'significance_text', 'ExperimentReport', 'experiment_report']
 
 # %% ../nbs/18_experiment.ipynb #ae26940c
 RESERVED_PARAMS = {'seed': 'the experiment sets it from `seeds`',
@@ -505,6 +505,19 @@ def pairwise_table(per_seed: pd.DataFrame, pairs=None, min_seeds: int = 5, **boo
     out = pd.DataFrame(rows)
     out.attrs['min_seeds'] = min_seeds
     return out
+
+# %% ../nbs/18_experiment.ipynb #51e3683e
+def check_pairs(pairs, methods) -> list[tuple[str, str]] | None:
+    "`pairs` ([[A, B], …]: A − B) as tuples, each name one of `methods`; None stays None (every pair)."
+    if pairs is None: return None
+    methods = list(methods)
+    if not isinstance(pairs, (list, tuple)) or not pairs or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+        raise ValueError(f"pairs must be a non-empty list of [A, B] method pairs (A − B is reported), got {pairs!r}")
+    for p in pairs:
+        for m in p:
+            if m not in methods: raise ValueError(f"pair {list(p)} names {m!r}, not a method of the experiment; valid choices: {', '.join(methods)}")
+        if p[0] == p[1]: raise ValueError(f"pair {list(p)} compares a method with itself")
+    return [tuple(p) for p in pairs]
 
 # %% ../nbs/18_experiment.ipynb #1892434d
 def mean_ci_text(mean: float, low: float, high: float) -> str:
