@@ -160,12 +160,17 @@ def _comparable(cfg: dict) -> dict:
     drop = _LEG_FIELDS + (_MEANING_FIELDS if 'resolved' in cfg else ())
     return {k: v for k, v in cfg.items() if k not in drop}
 
-def config_differences(old: dict, new: dict) -> list[str]:
-    "`field: old → new` for every field whose meaning differs (old configs without `resolved` compare spellings)."
+def config_differences(old: dict, new: dict, defaults: dict | None = None) -> list[str]:
+    """`field: old → new` for every field whose meaning differs (old configs without `resolved` compare spellings). A field
+    the old config lacks — written by apex_nb from before the field existed — is no difference when the new config keeps
+    its `defaults` value: the old code behaved as that default (a field added later defaults to the behaviour before it)."""
     if ('resolved' in old) != ('resolved' in new): old, new = ({k: v for k, v in c.items() if k != 'resolved'} for c in (old, new))
     a, b = _with_resolved_flat(_comparable(old)), _with_resolved_flat(_comparable(new))
+    d = json.loads(json.dumps(defaults or {}, default=str))                 # as a config.json reads back
+    newer_field_at_default = lambda k: k not in a and k in d and b.get(k) == d[k]
     short = lambda v: (s if len(s := json.dumps(v)) <= 80 else s[:77] + '…')
-    return [f"{k}: {short(a.get(k, '<absent>'))} → {short(b.get(k, '<absent>'))}" for k in sorted(set(a) | set(b)) if a.get(k, '<absent>') != b.get(k, '<absent>')]
+    return [f"{k}: {short(a.get(k, '<absent>'))} → {short(b.get(k, '<absent>'))}" for k in sorted(set(a) | set(b))
+            if a.get(k, '<absent>') != b.get(k, '<absent>') and not newer_field_at_default(k)]
 
 def _with_resolved_flat(cfg: dict) -> dict:
     "The config with each `resolved` entry as its own `resolved.<key>` field, so a difference is named by its entry."
@@ -193,8 +198,8 @@ def _pid_alive(pid: int) -> bool:
 
 class RunDir:
     "A run's folder, opened by its one writer: config.json, metrics.jsonl (append + fsync), checkpoints/ (atomic), eval/."
-    def __init__(self, path, config: dict, resume: bool = False, resolved: dict | None = None):
-        self.path = Path(path)
+    def __init__(self, path, config: dict, resume: bool = False, resolved: dict | None = None, defaults: dict | None = None):
+        self.path, self.defaults = Path(path), defaults   # defaults: the config fields' defaults (config_differences)
         self.metrics_path, self.ckpt_dir, self.cfg_path = self.path / 'metrics.jsonl', self.path / 'checkpoints', self.path / 'config.json'
         config = json.loads(json.dumps(config if resolved is None else dict(config, resolved=resolved), default=str))   # as it reads back
         self._check_can_open(config, resume)
@@ -213,7 +218,7 @@ class RunDir:
                                   f"or move those files away")
             return
         if not self._started(): return                    # it never logged a step nor saved a checkpoint (its model failed to load, say): nothing to lose
-        diff = config_differences(old, config)
+        diff = config_differences(old, config, self.defaults)
         if not resume:
             raise RunDirError(f"{self.path} already holds {'this' if not diff else 'a different'} run (config.json); pass resume=True "
                               f"to continue it{'' if not diff else ' (only with the same config)'}, or choose another out_dir")

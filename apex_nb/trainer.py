@@ -53,7 +53,8 @@ class TrainerCore:
                                project_dir=str(Path(cfg.out_dir) / 'trackers'))
         if cfg.groups_per_step % self.acc.num_processes:
             raise ValueError(f"groups_per_step ({cfg.groups_per_step}) must divide by the number of processes ({self.acc.num_processes})")
-        self.run = RunDir(cfg.out_dir, asdict(cfg), cfg.resume, resolved_config(parsed)) if self.acc.is_main_process else None   # one writer
+        # one writer; a run folder from before a config field existed resumes while that field keeps its default (the old behaviour)
+        self.run = RunDir(cfg.out_dir, asdict(cfg), cfg.resume, resolved_config(parsed), defaults=asdict(type(cfg)())) if self.acc.is_main_process else None
         self.acc.wait_for_everyone()
         if trackers: self.acc.init_trackers(Path(cfg.out_dir).name, tracker_config(asdict(cfg)), cfg.tracker_options)   # main process only
         self.rewards = place_rewards(parsed['rewards'], self.acc.device, cfg.reward_options)

@@ -116,6 +116,18 @@ def test_resume_compares_meaning_and_names_what_differs(tmp_path):
         trainer(out, steps=3, prompts=str(prompts), objectives="ocr:2,colorfulness", clip_range=0.2, resume=True)
 
 
+def test_a_run_from_before_a_config_field_resumes_while_the_field_keeps_its_default(tmp_path):
+    out = tmp_path / "run"
+    trainer(out, steps=1).train()
+    cfg = json.loads((out / "config.json").read_text())
+    for field in ("hack_threshold", "sde_window"): del cfg[field]                     # as apex_nb wrote it before these fields existed
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r'differs from the run\'s config.json in sde_window: "<absent>" → 1$'):
+        trainer(out, steps=2, sde_window=1, resume=True)                             # a new behaviour the first leg did not have: refused
+    trainer(out, steps=2, resume=True).train()                                         # the defaults: the old code's behaviour, resumed
+    assert steps_logged(out) == [0, 1]
+
+
 def test_resume_of_a_missing_folder_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="nothing to resume in .*typo.*no config.json"):
         trainer(tmp_path / "typo", resume=True)
