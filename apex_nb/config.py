@@ -88,6 +88,7 @@ class GRPOConfig(RunConfig):
     sde_window_range: object = None       # [first, last] step the window may start at (default: the early half)
     sde_window_slide_every: int = 0       # 0: the window's start is drawn per step; n: it slides one step later every n steps
     train_cfg: bool = True                # False: train on the conditional prediction alone (one forward instead of two)
+    same_latent: bool = False             # a prompt's samples start from the same noise and differ only by their SDE steps' (Flow-GRPO's same_latent)
     conflict_every: int = 1               # gradient-conflict diagnostics every m steps (0: never)
     conflict_timesteps: int = 1           # the first n training timesteps whose whole batch (every chunk) the conflict diagnostic
                                           # differentiates, one extra backward per chunk each (0: all training timesteps)
@@ -185,7 +186,8 @@ def _check_ranges(c: GRPOConfig):
         raise ValueError(f"noise_level must be > 0 for GRPO training (the SDE policy must be stochastic), got {c.noise_level}")
     check_fields(c, ints=('updates_per_batch',), counts=('sde_window', 'sde_window_slide_every'))
     if c.sde_window > c.sample_steps: raise ValueError(f"sde_window must be 0..sample_steps ({c.sample_steps}), got {c.sde_window}")
-    if not isinstance(c.train_cfg, bool): raise ValueError(f"train_cfg must be True or False, got {c.train_cfg!r}")
+    for name in ('train_cfg', 'same_latent'):
+        if not isinstance(getattr(c, name), bool): raise ValueError(f"{name} must be True or False, got {getattr(c, name)!r}")
     if c.sde_window: window_range(c)
     elif c.sde_window_range is not None or c.sde_window_slide_every:
         raise ValueError("sde_window_range / sde_window_slide_every need an SDE window: set sde_window (1 or 2 steps, say)")

@@ -257,14 +257,16 @@ def no_autocast(device_type: str):
 # %% ../nbs/06_sd3.ipynb #9f271731
 def sample_with_logprob(pipe, prompts, num_steps: int = 10, guidance_scale: float = 4.5, noise_level: float = 0.7,
                         height: int | None = None, width: int | None = None, generator=None, max_sequence_length: int = 32,
-                        decode_batch_size: int | None = None, sde_steps=None) -> Trajectory:
+                        decode_batch_size: int | None = None, sde_steps=None, latent_generator=None) -> Trajectory:
     """Sample images for `prompts` with the SDE policy, recording the trajectory (float32) and per-step log-probabilities.
-    `sde_steps`: the steps that take the SDE step (None: all); the others take the exact Euler step, draw no noise, log-prob 0."""
+    `sde_steps`: the steps that take the SDE step (None: all); the others take the exact Euler step, draw no noise, log-prob 0.
+    `latent_generator`: draws the starting noise instead of `generator` (which then draws only the SDE noise), e.g. one
+    seed per prompt so a group's samples start alike and differ only by the SDE steps' noise."""
     sde = None if sde_steps is None else tuple(sorted({int(i) for i in sde_steps}))
     if sde is not None and any(not 0 <= i < num_steps for i in sde): raise ValueError(f"sde_steps {list(sde)} must lie in 0..{num_steps - 1}")
     with torch.inference_mode():   # cheaper than no_grad; the results are cloned out below so training can use them
         traj = _sample(pipe, list(prompts), num_steps, guidance_scale, noise_level, height, width, generator, max_sequence_length,
-                       decode_batch_size, sde)
+                       decode_batch_size, sde, latent_generator)
     return Trajectory(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(traj).items()})
 
 def euler_step(velocity, x, sigma, sigma_next) -> torch.Tensor:
@@ -272,13 +274,14 @@ def euler_step(velocity, x, sigma, sigma_next) -> torch.Tensor:
     return x.float() + velocity.float() * (torch.as_tensor(sigma_next, dtype=torch.float32) - torch.as_tensor(sigma, dtype=torch.float32))
 
 def _sample(pipe, prompts, num_steps, guidance_scale, noise_level, height, width, generator, max_sequence_length, decode_batch_size,
-            sde=None) -> Trajectory:
+            sde=None, latent_generator=None) -> Trajectory:
     device = pipe.transformer.device   # looked up once: the pipeline's `_execution_device` walks every module each time
     height = height or pipe.default_sample_size * pipe.vae_scale_factor
     width = width or pipe.default_sample_size * pipe.vae_scale_factor
     pe, ppe = encode_prompts(pipe, prompts, guidance_scale, max_sequence_length, device)
     # the trajectory is float32 whatever the weights: x_{t+1} is stored exactly as its log-prob was computed (ratio 1 on-policy)
-    x = pipe.prepare_latents(len(prompts), pipe.transformer.config.in_channels, height, width, torch.float32, device, generator)
+    x = pipe.prepare_latents(len(prompts), pipe.transformer.config.in_channels, height, width, torch.float32, device,
+                             generator if latent_generator is None else latent_generator)
     timesteps, _ = retrieve_timesteps(pipe.scheduler, num_steps, device)
     sigmas = pipe.scheduler.sigmas.float()
     lats, logps, cond_logps, stds = [x], [], [], []

@@ -30,6 +30,7 @@ class SeedStream(enum.IntEnum):
     PAIR_NOISE = 5   # DPO: each pair's noise and timestep (index: the pair's global number)
     SDE_WINDOW = 6   # GRPO: where a step's SDE window starts
     TIES = 7         # DPO: random tie-breaks of the consensus label
+    STARTS = 8       # GRPO with same_latent: each group's starting noise (index: the group's global number)
 
 def step_seed(seed: int, step: int, stream: SeedStream | int = 0, index: int = 0) -> int:
     "The seed of draw `index` of `stream` at `step` of a run seeded `seed` (distinct streams and indices do not collide in practice)."
@@ -116,17 +117,24 @@ def sample(self: TrainerCore, prompts: list[str], step: int, sde_steps=None, on_
     c = self.cfg
     first = self.acc.process_index * len(prompts) * c.group_size            # global index of this process's first sample
     gens = [torch.Generator(self.acc.device).manual_seed(step_seed(c.seed, step, SeedStream.SAMPLES, first + i)) for i in range(len(prompts) * c.group_size)]
+    starts = None
+    if getattr(c, 'same_latent', False):   # one start per group (its global number): the SDE steps' noise is all that differs within it
+        starts = [torch.Generator(self.acc.device).manual_seed(step_seed(c.seed, step, SeedStream.STARTS, (first + i) // c.group_size))
+                  for i in range(len(gens))]
     expanded = [p for p in prompts for _ in range(c.group_size)]
-    return self.sample_batches(expanded, gens, c.sample_steps, c.noise_level, sde_steps, on_chunk), expanded
+    return self.sample_batches(expanded, gens, c.sample_steps, c.noise_level, sde_steps, on_chunk, starts), expanded
 
 @patch
-def sample_batches(self: TrainerCore, prompts: list[str], generators: list, steps: int, noise_level: float, sde_steps=None, on_chunk=None):
-    "`sample_with_logprob` in calls of `sample_batch_size` images (one generator per image), under the accelerator's autocast; `on_chunk(traj, prompts)` after each."
+def sample_batches(self: TrainerCore, prompts: list[str], generators: list, steps: int, noise_level: float, sde_steps=None, on_chunk=None,
+                   start_generators=None):
+    """`sample_with_logprob` in calls of `sample_batch_size` images (one generator per image; `start_generators`, if given, draw
+    the starting noise), under the accelerator's autocast; `on_chunk(traj, prompts)` after each."""
     c, trajs, i = self.cfg, [], 0
     for n in split_sizes(len(prompts), c.sample_batch_size):
         with self.acc.autocast():
             trajs.append(sample_with_logprob(self.pipe, prompts[i:i + n], steps, c.guidance_scale, noise_level, c.resolution, c.resolution,
-                                             generators[i:i + n], c.max_sequence_length, c.decode_batch_size or None, sde_steps))
+                                             generators[i:i + n], c.max_sequence_length, c.decode_batch_size or None, sde_steps,
+                                             None if start_generators is None else start_generators[i:i + n]))
         if on_chunk is not None: on_chunk(trajs[-1], prompts[i:i + n])
         i += n
     return cat_trajectories(trajs)

@@ -40,7 +40,7 @@ def lora(out):
     return last.name, load_file(last / "pytorch_lora_weights.safetensors")
 
 
-@pytest.mark.parametrize("options", ["", ", sde_window=1, updates_per_batch=2, train_cfg=False"], ids=["default", "fast"])
+@pytest.mark.parametrize("options", ["", ", sde_window=1, updates_per_batch=2, train_cfg=False, same_latent=True"], ids=["default", "fast"])
 def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, options):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     train(ref, options=options)
