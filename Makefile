@@ -45,7 +45,7 @@ train: setup
 
 test: setup
 	@$(call apt_if_missing,chromium,chromium)   # for the JupyterLab browser test
-	@echo "nbdev_test: $$(ls nbs/*.ipynb | grep -vcE '/(_|train.ipynb|dpo.ipynb|experiment.ipynb)') notebooks (the papermill entry points run in tests/)"
+	@echo "nbdev_test: $$(cd nbs && ls *.ipynb | grep -vcE '$(PAPERMILL_ENTRY_POINTS)') notebooks (the papermill entry points run in tests/)"
 # two notebooks at once on two cores, one thread each: torch's default of one thread per core makes two processes' threads
 # spin against each other (run_lab measured 2.6x slower with 2 threads than with 1 beside other busy processes)
 # The papermill entry points (train, dpo, experiment) are executed by tests/ with papermill, as users run them, and their
