@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 from .core import Registry, check_choice
 
 # %% auto #0
 __all__ = ['REWARDS', 'TESSERACT_IMAGE_ERRORS', 'DTYPES', 'IMAGE_FORMATS', 'PROMPT_SETS', 'SIGN_WORDS', 'to_pil_list', 'Reward',
            'register_reward', 'get_reward', 'quoted_text', 'levenshtein', 'ocr_similarity', 'upscale_to', 'render_text',
-           'tesseract_ocr', 'check_tesseract', 'OcrReward', 'jpeg_size_kb', 'JpegIncompressibility',
+           'dark_strokes', 'tesseract_ocr', 'check_tesseract', 'OcrReward', 'jpeg_size_kb', 'JpegIncompressibility',
            'JpegCompressibility', 'colorfulness', 'Colorfulness', 'laplacian_variance', 'Sharpness',
            'make_brisque_model', 'Brisque', 'RewardError', 'score_batch', 'submit_scoring', 'resolve_dtype',
            'ModelNotAvailable', 'load_pretrained', 'load_clip', 'ClipScore', 'PickScore', 'AestheticMLP',
@@ -170,6 +170,16 @@ def render_text(text: str, size: tuple[int, int] = (512, 128), font_size: int | 
     draw.text(((size[0] - (r - l)) / 2 - l, (size[1] - (b - t)) / 2 - t), text, fill='black', font=font)
     return im
 
+# %% ../nbs/05_rewards.ipynb #c59b6638
+def dark_strokes(img: Image.Image, below: int = 140) -> Image.Image:
+    "Black-on-white ('L') image of `img`'s dark pixels (every channel < `below`), without dark regions touching the border."
+    dark = (np.asarray(img.convert('RGB')).max(2) < below).astype(np.uint8)
+    import cv2                                   # opencv (a dependency through brisque) labels the regions; imported when used
+    n, label = cv2.connectedComponents(dark, connectivity=4)
+    border = np.unique(np.concatenate([label[0], label[-1], label[:, 0], label[:, -1]]))
+    ink = dark.astype(bool) & ~np.isin(label, border[border > 0])
+    return Image.fromarray(np.where(ink, 0, 255).astype(np.uint8))
+
 # %% ../nbs/05_rewards.ipynb #819f5e67
 TESSERACT_IMAGE_ERRORS = ('Image too small to scale',)   # messages of tesseract aborting on one image, not on every image
 
@@ -222,9 +232,9 @@ def _check_psm(what, v):
 class OcrReward(Reward):
     name, range = 'ocr', (0.0, 1.0)
     note = "text rendering: 1 − normalised Levenshtein distance between tesseract's reading and the prompt's quoted text"
-    defaults = dict(lang='eng', psm=11, min_side=128, workers=1, threads=1, tesseract_cmd='tesseract', timeout=60.0)
+    defaults = dict(lang='eng', psm=11, min_side=128, workers=1, threads=1, tesseract_cmd='tesseract', timeout=60.0, ink_below=None)
     checks = dict(lang=_text, psm=_check_psm, min_side=_int_in(1), workers=_int_in(1), threads=_int_in(1),
-                  tesseract_cmd=_text, timeout=_seconds)
+                  tesseract_cmd=_text, timeout=_seconds, ink_below=_optional(_int_in(1, 255)))
     def _load(self): self.binary = check_tesseract(self.tesseract_cmd, self.lang, self.timeout)
     def check_prompts(self, prompts):
         for i, p in enumerate(prompts):
@@ -232,9 +242,12 @@ class OcrReward(Reward):
                 raise ValueError(f"the ocr reward needs the text to render in double quotes (e.g. 'a sign that says \"CAT\"'); "
                                  f"prompt {i} has none: {p!r}")
     def read(self, img: Image.Image) -> str:
-        "The text in `img` (upscaled to `min_side` first)."
+        "The text in `img` (its dark strokes alone with `ink_below`; upscaled to `min_side` first)."
         self.load()
-        return tesseract_ocr(upscale_to(img, self.min_side), self.lang, self.psm, self.binary, self.threads, self.timeout)
+        if self.ink_below is not None: img = dark_strokes(img, self.ink_below)
+        img = upscale_to(img, self.min_side)
+        if self.ink_below is not None: img = ImageOps.expand(img, border=img.width // 8, fill=255)   # a white margin
+        return tesseract_ocr(img, self.lang, self.psm, self.binary, self.threads, self.timeout)
     def score(self, images, prompts, metadata):
         if self.workers > 1:
             with ThreadPoolExecutor(self.workers) as pool: texts = list(pool.map(self.read, images))
