@@ -25,7 +25,9 @@ __all__ = ['RESERVED_PARAMS', 'EXPERIMENT_FILE', 'RUNS_LOG', 'GAIN_FLOOR', 'defa
            'start_spread', 'gains', 'share_tracking', 'balance_and_hypervolume', 'logged_gains', 'run_measures',
            'measure_run', 'collect_measures', 'bootstrap_ci', 'excludes_zero', 'measure_columns', 'method_table',
            'paired_differences', 'method_pairs', 'pairwise_table', 'check_pairs', 'mean_ci_text', 'format_table',
-           'format_pairs', 'gain_figure', 'significance_text', 'ExperimentReport', 'experiment_report']
+           'format_pairs', 'gain_figure', 'significance_text', 'ExperimentReport', 'experiment_report', 'run_intervals',
+           'experiment_time', 'markdown_table', 'report_markdown', 'section_markers', 'replace_section',
+           'update_readme']
 
 # %% ../nbs/18_experiment.ipynb #ae26940c
 RESERVED_PARAMS = {'seed': 'the experiment sets it from `seeds`',
@@ -595,3 +597,54 @@ def experiment_report(per_seed: pd.DataFrame, pairs=None, **boot) -> ExperimentR
     if per_seed.empty: raise ValueError("no finished runs to report on (per_seed is empty); run the experiment first")
     stats, pair_stats = method_table(per_seed, **boot), pairwise_table(per_seed, pairs, **boot)
     return ExperimentReport(format_table(stats), format_pairs(pair_stats), gain_figure(stats), significance_text(pair_stats), stats, pair_stats)
+
+# %% ../nbs/18_experiment.ipynb #d8471391
+def run_intervals(root) -> pd.DataFrame:
+    "Every executed run of `root/runs.jsonl`: run, status, start and end (POSIX seconds; start = end − its seconds)."
+    path = Path(root) / RUNS_LOG
+    if not path.exists(): raise ValueError(f"{path} does not exist: no run of this experiment has ended yet")
+    recs = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    end = [time.mktime(time.strptime(r['time'], '%Y-%m-%d %H:%M:%S')) for r in recs]
+    return pd.DataFrame(dict(run=[r['run'] for r in recs], status=[r['status'] for r in recs],
+                             start=[e - r['seconds'] for e, r in zip(end, recs)], end=end))
+
+def experiment_time(root) -> dict:
+    "Runs executed, the wall-clock span from the first start to the last end (including any interruption), Σ run seconds."
+    t = run_intervals(root)
+    return dict(runs=len(t), span_seconds=float(t.end.max() - t.start.min()), run_seconds=float((t.end - t.start).sum()))
+
+# %% ../nbs/18_experiment.ipynb #180b5ecf
+def markdown_table(df: pd.DataFrame) -> str:
+    "`df` (its index as leading columns) as a GitHub markdown table; a `|` inside a cell is escaped."
+    t = df.reset_index()
+    cell = lambda v: str(v).replace('|', '\\|')
+    rows = [[cell(c) for c in t.columns], ['---'] * len(t.columns), *[[cell(v) for v in r] for r in t.itertuples(index=False)]]
+    return '\n'.join('| ' + ' | '.join(r) + ' |' for r in rows)
+
+def report_markdown(report: ExperimentReport, timing: dict | None = None, command: str | None = None, workers: int | None = None) -> str:
+    "The README section of an experiment: the command, the measured time, the table, the pairwise table, the text."
+    out = [f"Re-run (resumable): `{command}`" if command else '']
+    if timing:
+        out.append(f"Measured on this machine: {timing['runs']} runs in {timing['span_seconds'] / 3600:.2f} h of wall clock (first start to "
+                   f"last end{f', {workers} at a time' if workers else ''}; the runs' own times sum to {timing['run_seconds'] / 3600:.2f} h).")
+    out += ['Each method, mean over seeds [95% bootstrap interval]; gains in start within-prompt spreads (higher is better), '
+            'share_tracking lower is better:', markdown_table(report.table),
+            'Pairwise on the same seeds, A − B [95% interval], `*` = the interval excludes 0:', markdown_table(report.pairs),
+            '```text\n' + report.text + '\n```']
+    return '\n\n'.join(o for o in out if o)
+
+def section_markers(name: str) -> tuple[str, str]: return f'<!-- results:{name} -->', f'<!-- /results:{name} -->'
+
+def replace_section(text: str, name: str, body: str) -> str:
+    "`text` with what lies between the marker lines of section `name` replaced by `body`."
+    start, end = section_markers(name)
+    i, j = text.find(start), text.find(end)
+    if text.count(start) != 1 or text.count(end) != 1 or j < i:
+        raise ValueError(f"the README needs exactly one line {start} followed by one line {end} around the generated section "
+                         f"{name!r}; found {text.count(start)} start and {text.count(end)} end marker(s)")
+    return text[:i + len(start)] + '\n' + body.strip() + '\n' + text[j:]
+
+def update_readme(path, name: str, body: str) -> None:
+    "Regenerate section `name` of the README at `path` (atomically)."
+    path = Path(path)
+    write_atomic(path, replace_section(path.read_text(), name, body), 'the README')

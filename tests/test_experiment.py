@@ -2,11 +2,11 @@
 workers; a re-run executes nothing; a run made unfinished is resumed alone (from its checkpoint, to the same numbers); a
 failing run is reported with its executed notebook and error (a stub notebook: the failure path, without loading a model).
 tiny-random, 3 steps: the fewest train.ipynb finishes (its gain table needs the 3 warm-up steps of 12_balance)."""
-import json, time
+import json
 from pathlib import Path
 import papermill as pm
 import pytest
-from apex_nb.experiment import Experiment, ExperimentError, run_experiment, collect_measures, experiment_report, measure_run
+from apex_nb.experiment import Experiment, ExperimentError, run_experiment, collect_measures, experiment_report, measure_run, run_intervals
 
 METHODS = {"static": dict(method="static", scheduler="static"), "apex+p3": dict(method="apex", scheduler="p3")}
 PARAMS = dict(preset="tiny-random", steps=3, eval_every=1)
@@ -25,14 +25,23 @@ def test_run_rerun_resume(tmp_path):
     exp = lambda: Experiment(tmp_path / "exp", METHODS, seeds=2, params=PARAMS, workers=2)
     root = exp().root
     # the first pass as a user runs it: nbs/experiment.ipynb with papermill (nbdev_test skips this entry point: it runs here)
-    t0 = time.monotonic()
+    readme = tmp_path / "README.md"
+    readme.write_text("# results\n<!-- results:exp -->\nan old table\n<!-- /results:exp -->\nmore\n")
     nb = pm.execute_notebook(str(NOTEBOOK), str(tmp_path / "experiment-out.ipynb"), kernel_name="python3", progress_bar=False,
-                             parameters=dict(root=str(root), methods=json.dumps(METHODS), seeds=2, steps=3, preset="tiny-random", eval_every=1, workers=2))
-    wall = time.monotonic() - t0
+                             parameters=dict(root=str(root), methods=json.dumps(METHODS), seeds=2, steps=3, preset="tiny-random", eval_every=1,
+                                             workers=2, readme=str(readme), command="papermill nbs/experiment.ipynb out.ipynb"))
     log = log_lines(root)
     assert sorted(r["run"] for r in log) == sorted(r.label for r in exp().runs()) and not any(r["resumed"] for r in log)
     assert [r["status"] for r in log] == ["finished"] * 4, log
-    assert wall < sum(r["seconds"] for r in log)                           # two workers: the runs overlapped (one at a time takes longer)
+    # two workers: two runs at a time, never three (an end time is logged to the second: 2 s of slack)
+    iv = run_intervals(root).sort_values("start").reset_index(drop=True)
+    overlap = lambda i, j: min(iv.end[i], iv.end[j]) - max(iv.start[i], iv.start[j])
+    assert overlap(0, 1) > 2, iv                                             # the first two started together
+    assert not any(overlap(i, i + 2) > 2 for i in range(len(iv) - 2)), iv     # no third one beside them
+    text = readme.read_text()                                                # the README section, regenerated from the report
+    assert text.startswith("# results\n<!-- results:exp -->\nRe-run (resumable): `papermill nbs/experiment.ipynb out.ipynb`") and text.endswith("<!-- /results:exp -->\nmore\n")
+    assert "Measured on this machine: 4 runs in" in text and "| default | apex+p3 − static |" in text and "an old table" not in text
+    assert (root / "report.md").read_text().strip() in text
     printed = "".join("".join(o.get("text", "")) for c in nb.cells for o in c.get("outputs", []) if o.get("name") == "stdout")
     assert "4 runs: 1 setting(s) × 2 methods × 2 seeds" in printed and "apex+p3 − static, paired over 2 seeds" in printed
     assert (root / "measures.csv").exists()
