@@ -174,7 +174,7 @@ def render_text(text: str, size: tuple[int, int] = (512, 128), font_size: int | 
 def dark_strokes(img: Image.Image, below: int = 140) -> Image.Image:
     "Black-on-white ('L') image of `img`'s dark pixels (every channel < `below`), without dark regions touching the border."
     dark = (np.asarray(img.convert('RGB')).max(2) < below).astype(np.uint8)
-    import cv2                                   # opencv (a dependency through brisque) labels the regions; imported when used
+    import cv2                                   # opencv (a dependency; brisque uses it) labels the regions; imported when used
     n, label = cv2.connectedComponents(dark, connectivity=4)
     border = np.unique(np.concatenate([label[0], label[-1], label[:, 0], label[:, -1]]))
     ink = dark.astype(bool) & ~np.isin(label, border[border > 0])
