@@ -417,7 +417,7 @@ def logged_gains(first: dict, last: dict, key: str) -> tuple[dict, dict] | None:
 
 # %% ../nbs/18_experiment.ipynb #450da9d1
 def run_measures(records: list[dict], signs: dict, gold_signs: dict | None = None, warmup: int = 3) -> dict:
-    "One run's measures: gain/<name>, balance, hypervolume, gold_gain/<name>, share_tracking, gain_unit, eval_step."
+    "One run's measures: gain/<name>, balance, hypervolume, gold_gain/<name>, hack_flag, share_tracking, gain_unit, eval_step."
     evals = eval_records(records)
     if not evals or evals[0]['step'] != 0:
         raise ValueError(f"no evaluation at step 0 (evaluated steps: {[r['step'] for r in evals]}): gains need it; run with eval_every >= 1")
@@ -428,6 +428,7 @@ def run_measures(records: list[dict], signs: dict, gold_signs: dict | None = Non
     if first.get('gold'):
         gg, gold_units = logged_gains(first, last, 'gold') or gains(first, last, 'gold', gold_signs or {})
         out |= {f'gold_gain/{n}': v for n, v in gg.items()}
+        out['hack_flag'] = float(last['hack_flag']) if 'hack_flag' in last else math.nan   # 1: flagged at the last evaluation
         units = units | {f'gold:{n}': u for n, u in gold_units.items()}
     out['share_tracking'] = share_tracking(records, list(g), warmup)
     return out | dict(gain_unit=', '.join(sorted(set(units.values()))), eval_step=last['step'])
@@ -471,10 +472,10 @@ def excludes_zero(ci: dict) -> bool:
 _SCALAR_MEASURES = ('balance', 'hypervolume', 'share_tracking')
 
 def measure_columns(per_seed: pd.DataFrame) -> list[str]:
-    "The numeric measures of a per-seed table, in order: eval gains, balance, hypervolume, gold gains, share tracking."
+    "The numeric measures of a per-seed table, in order: eval gains, balance, hypervolume, gold gains, hacking flag, share tracking."
     cols = list(per_seed.columns)
     return ([c for c in cols if c.startswith('gain/')] + [c for c in ('balance', 'hypervolume') if c in cols] +
-            [c for c in cols if c.startswith('gold_gain/')] + [c for c in ('share_tracking',) if c in cols])
+            [c for c in cols if c.startswith('gold_gain/')] + [c for c in ('hack_flag', 'share_tracking') if c in cols])
 
 def _in_order(values) -> list: return list(dict.fromkeys(values))
 
@@ -578,7 +579,7 @@ def significance_text(pairs: pd.DataFrame, recommended_seeds: int = 8) -> str:
         elif n < recommended_seeds:
             lines.append(f"  Only {n} seeds (< {recommended_seeds}): percentile bootstrap intervals are too narrow with so few; "
                          f"read the significant differences as indications, not findings.")
-    lines.append("(Gains: higher is better. share_tracking: lower is better, a negative A − B means A tracks its weights more "
+    lines.append("(Gains: higher is better. hack_flag: the share of seeds flagged for reward hacking at the last evaluation, lower is better. share_tracking: lower is better, a negative A − B means A tracks its weights more "
                  "closely. Intervals are per comparison, not corrected for the number of comparisons.)")
     return '\n'.join(lines)
 
@@ -628,7 +629,7 @@ def report_markdown(report: ExperimentReport, timing: dict | None = None, comman
         out.append(f"Measured on this machine: {timing['runs']} runs in {timing['span_seconds'] / 3600:.2f} h of wall clock (first start to "
                    f"last end{f', {workers} at a time' if workers else ''}; the runs' own times sum to {timing['run_seconds'] / 3600:.2f} h).")
     out += ['Each method, mean over seeds [95% bootstrap interval]; gains in start within-prompt spreads (higher is better), '
-            'share_tracking lower is better:', markdown_table(report.table),
+            'hack_flag (share of seeds flagged) and share_tracking lower is better:', markdown_table(report.table),
             'Pairwise on the same seeds, A − B [95% interval], `*` = the interval excludes 0:', markdown_table(report.pairs),
             '```text\n' + report.text + '\n```']
     return '\n\n'.join(o for o in out if o)
